@@ -1,0 +1,64 @@
+"""Streams, buckets and the object store, created idempotently by every service at start."""
+
+from __future__ import annotations
+
+import nats.js.api as api
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError
+
+from runplane_proto import subjects as s
+
+DAY_S = 86_400.0
+# Longest job TTL RunPod allows is 7 days; keep queue messages a little longer so
+# the TTL check, not the stream, is what ends them.
+JOBS_MAX_AGE_S = 7 * DAY_S + 3600
+
+
+async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
+    await _stream(js, api.StreamConfig(
+        name=s.STREAM_JOBS, subjects=[s.ALL_JOB_QUEUES], retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE, max_age=JOBS_MAX_AGE_S, duplicate_window=120.0, num_replicas=replicas,
+    ))
+    await _stream(js, api.StreamConfig(
+        name=s.STREAM_CHUNKS, subjects=[s.ALL_JOB_CHUNKS], retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE, max_age=DAY_S, num_replicas=replicas,
+    ))
+    await _stream(js, api.StreamConfig(
+        name=s.STREAM_WEBHOOKS, subjects=[s.ALL_WEBHOOKS], retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE, max_age=DAY_S, duplicate_window=120.0, num_replicas=replicas,
+    ))
+    for bucket, history, ttl in (
+        (s.KV_JOBS, 1, None),
+        (s.KV_ENDPOINTS, 5, None),
+        (s.KV_NODES, 1, None),
+        (s.KV_SCALE, 1, None),
+        (s.KV_LEASES, 1, None),
+        (s.KV_CURSORS, 1, DAY_S),
+    ):
+        await _bucket(js, api.KeyValueConfig(
+            bucket=bucket, history=history, ttl=ttl, direct=True, replicas=replicas,
+        ))
+    try:
+        await js.object_store(s.OBJ_PAYLOADS)
+    except Exception:
+        await js.create_object_store(s.OBJ_PAYLOADS, config=api.ObjectStoreConfig(
+            bucket=s.OBJ_PAYLOADS, ttl=JOBS_MAX_AGE_S, replicas=replicas,
+        ))
+
+
+async def _stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        # Exists with another config (e.g. created by an older version): keep it.
+        await js.stream_info(config.name)
+
+
+async def _bucket(js: JetStreamContext, config: api.KeyValueConfig) -> None:
+    try:
+        await js.key_value(config.bucket)
+    except Exception:
+        try:
+            await js.create_key_value(config)
+        except BadRequestError:
+            await js.key_value(config.bucket)

@@ -1,0 +1,1 @@
+"""What every service shares: settings from RP_* env, logs, metrics, clock, the lifecycle."""

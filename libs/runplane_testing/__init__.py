@@ -1,0 +1,1 @@
+"""Test helpers: a real nats-server, free ports, polling waits, service processes."""

@@ -1,0 +1,1 @@
+"""The bus contract: every subject, stream, bucket and message the services exchange."""

@@ -1,0 +1,31 @@
+"""Endpoints: the spec stored in KV `rp-endpoints`, key = endpoint id."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from runplane_proto.ids import EndpointId
+
+ScalerType = Literal["QUEUE_DELAY", "REQUEST_COUNT"]
+
+
+class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
+    id: EndpointId
+    name: str
+    image_name: str | None = None
+    # argv the process runtime runs (and the CMD override for images).
+    command: list[str] = []
+    env: dict[str, str] = {}
+    workers_min: int = 0
+    workers_max: int = 3
+    idle_timeout_s: int = 5
+    scaler_type: ScalerType = "QUEUE_DELAY"
+    scaler_value: int = 4
+    flashboot: bool = True
+    gpu_count: int = 0
+    gpu_type_ids: list[str] = []
+    execution_timeout_ms: int = 600_000
+    created_at_ms: int = 0
+    updated_at_ms: int = 0

@@ -1,0 +1,115 @@
+"""Jobs: the record kept in KV `rp-jobs`, the queue message, events and chunks.
+
+Inputs and outputs travel as raw JSON bytes (never re-encoded). When one is larger
+than the inline limit it lives in the Object Store `rp-payloads` and the record
+holds its object name instead (`*_ref`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from runplane_proto.ids import EndpointId, JobId, NodeId, WorkerId
+
+JobStatus = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
+
+# Payloads up to this size are stored inline in the job record (KV values must fit
+# one NATS message, 1 MiB by default; a record may hold an input and an output).
+INLINE_PAYLOAD_LIMIT_BYTES = 256 * 1024
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+class JobPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    execution_timeout_ms: int
+    ttl_ms: int
+    low_priority: bool = False
+
+
+class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The state of one job, value of `rp-jobs` key `<endpoint>.<job>`.
+
+    Writers use compare-and-set on the KV revision; a terminal record is never
+    changed again except by `/retry` (FAILED/TIMED_OUT -> IN_QUEUE).
+    """
+
+    id: JobId
+    endpoint_id: EndpointId
+    status: JobStatus
+    policy: JobPolicy
+    submitted_at_ms: int
+    sync: bool = False
+    input_json: bytes | None = None
+    input_ref: str | None = None
+    # Raw JSON object with the submit body's other top-level keys handed to the
+    # worker as-is (e.g. `s3Config`).
+    extra_json: bytes | None = None
+    webhook: str | None = None
+    started_at_ms: int | None = None
+    completed_at_ms: int | None = None
+    worker_id: WorkerId | None = None
+    node_id: NodeId | None = None
+    attempts: int = 0
+    retries: int = 0
+    output_json: bytes | None = None
+    output_ref: str | None = None
+    error: str | None = None
+    # Number of stream chunks the worker produced.
+    chunks: int = 0
+
+
+class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):
+    """A message on stream JOBS, subject `rp.jobs.<endpoint>`; acked when the job is terminal."""
+
+    job_id: JobId
+    endpoint_id: EndpointId
+    submitted_at_ms: int
+    low_priority: bool = False
+
+
+class JobChanged(msgspec.Struct, frozen=True, kw_only=True, tag="job_changed"):
+    """Published on `rp.job.<id>.events` after every status change, with the new record."""
+
+    record: JobRecord
+
+
+class ChunkAdded(msgspec.Struct, frozen=True, kw_only=True, tag="chunk_added"):
+    """Published on `rp.job.<id>.events` after a stream chunk was stored."""
+
+    job_id: JobId
+    index: int
+
+
+JobEvent = JobChanged | ChunkAdded
+
+
+class StreamChunk(msgspec.Struct, frozen=True, kw_only=True, tag="stream_chunk"):
+    """One generator output, stored on stream JOBCHUNKS, subject `rp.job.<id>.chunks`.
+
+    `chunk_json` is the raw JSON object the client sees inside `stream`, e.g. `{"output": ...}`.
+    """
+
+    job_id: JobId
+    index: int
+    chunk_json: bytes
+
+
+class CancelJob(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_job"):
+    """Published on `rp.endpoint.<endpoint>.cancel` once a job became CANCELLED (or was
+    cut for any reason) so the node agent holding it stops the handler."""
+
+    job_id: JobId
+    endpoint_id: EndpointId
+    reason: str = "cancelled"
+
+
+class WebhookDue(msgspec.Struct, frozen=True, kw_only=True, tag="webhook_due"):
+    """Published on stream WEBHOOKS by whoever made a job with a webhook terminal."""
+
+    job_id: JobId
+    endpoint_id: EndpointId

@@ -1,0 +1,74 @@
+"""Nodes: status in KV `rp-nodes` (key = node id), commands on `rp.node.<node>.cmd`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.ids import EndpointId, JobId, NodeId, WorkerId
+
+WorkerState = Literal["starting", "idle", "running", "stopping"]
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    uuid: str
+    name: str
+    memory_total_mb: int
+    memory_used_mb: int = 0
+    utilization_pct: int = 0
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: WorkerId
+    endpoint_id: EndpointId
+    state: WorkerState
+    started_at_ms: int
+    # When the worker last finished a job (or started, if it never ran one).
+    idle_since_ms: int = 0
+    jobs: list[JobId] = []
+    gpu_uuids: list[str] = []
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Written by the node agent every heartbeat interval."""
+
+    node_id: NodeId
+    hostname: str
+    runtime: str
+    capabilities: list[str] = []
+    cpu_count: int = 0
+    memory_total_mb: int = 0
+    gpus: list[GpuInfo] = []
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    workers: list[WorkerInfo] = []
+    started_at_ms: int = 0
+    heartbeat_at_ms: int = 0
+    draining: bool = False
+
+
+class StartWorker(msgspec.Struct, frozen=True, kw_only=True, tag="start_worker"):
+    """Start a worker of `spec` with this id. Idempotent: a known worker id is a no-op."""
+
+    worker_id: WorkerId
+    spec: EndpointSpec
+    gpu_uuids: list[str] = []
+
+
+class StopWorker(msgspec.Struct, frozen=True, kw_only=True, tag="stop_worker"):
+    """Stop a worker. With `only_if_idle` a busy worker is left alone (ok=False)."""
+
+    worker_id: WorkerId
+    reason: str = ""
+    only_if_idle: bool = True
+
+
+NodeCommand = StartWorker | StopWorker
+
+
+class CommandReply(msgspec.Struct, frozen=True, kw_only=True, tag="command_reply"):
+    ok: bool
+    error: str | None = None

@@ -1,0 +1,139 @@
+"""Every subject, stream, consumer, bucket and key name, built here and nowhere else.
+
+Subjects follow `rp.<domain>.<id>.<kind>`; ids are checked so that no id can inject
+a dot, a wildcard or a space into a subject.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from runplane_proto import jobs, nodes, scaling, endpoints
+from runplane_proto.ids import check_id
+
+# JetStream streams
+STREAM_JOBS = "JOBS"
+STREAM_CHUNKS = "JOBCHUNKS"
+STREAM_WEBHOOKS = "WEBHOOKS"
+
+# KV buckets and the object store
+KV_JOBS = "rp-jobs"
+KV_ENDPOINTS = "rp-endpoints"
+KV_NODES = "rp-nodes"
+KV_SCALE = "rp-scale"
+KV_LEASES = "rp-leases"
+KV_CURSORS = "rp-stream-cursors"
+OBJ_PAYLOADS = "rp-payloads"
+
+# Wildcards used for stream definitions and fleet-wide subscriptions.
+ALL_JOB_QUEUES = "rp.jobs.>"
+ALL_JOB_CHUNKS = "rp.job.*.chunks"
+ALL_WEBHOOKS = "rp.webhook.*.due"
+ALL_CANCELS = "rp.endpoint.*.cancel"
+WEBHOOK_CONSUMER = "webhooks"
+
+
+def job_queue(endpoint_id: str) -> str:
+    return f"rp.jobs.{check_id(endpoint_id, 'endpoint')}"
+
+
+def job_consumer(endpoint_id: str) -> str:
+    """The durable pull consumer every node agent shares for one endpoint's queue."""
+    return f"ep-{check_id(endpoint_id, 'endpoint')}"
+
+
+def job_events(job_id: str) -> str:
+    return f"rp.job.{check_id(job_id, 'job')}.events"
+
+
+def job_chunks(job_id: str) -> str:
+    return f"rp.job.{check_id(job_id, 'job')}.chunks"
+
+
+def job_cancel(endpoint_id: str) -> str:
+    return f"rp.endpoint.{check_id(endpoint_id, 'endpoint')}.cancel"
+
+
+def webhook_due(endpoint_id: str) -> str:
+    return f"rp.webhook.{check_id(endpoint_id, 'endpoint')}.due"
+
+
+def node_cmd(node_id: str) -> str:
+    return f"rp.node.{check_id(node_id, 'node')}.cmd"
+
+
+def job_key(endpoint_id: str, job_id: str) -> str:
+    """Key of a job in KV `rp-jobs`: endpoint first so one endpoint's jobs can be listed."""
+    return f"{check_id(endpoint_id, 'endpoint')}.{check_id(job_id, 'job')}"
+
+
+def endpoint_jobs_filter(endpoint_id: str) -> str:
+    return f"{check_id(endpoint_id, 'endpoint')}.*"
+
+
+def endpoint_key(endpoint_id: str) -> str:
+    return check_id(endpoint_id, "endpoint")
+
+
+def node_key(node_id: str) -> str:
+    return check_id(node_id, "node")
+
+
+def scale_key(endpoint_id: str) -> str:
+    return check_id(endpoint_id, "endpoint")
+
+
+def lease_key(role: str) -> str:
+    return check_id(role, "lease")
+
+
+def payload_object(job_id: str, kind: str) -> str:
+    """Object-store name of a large `input` or `output`."""
+    return f"{check_id(job_id, 'job')}.{check_id(kind, 'payload kind')}"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One entry of the bus contract, rendered into docs/contract.md."""
+
+    name: str
+    pattern: str
+    kind: str  # "jetstream", "core", "request", "kv", "object"
+    payload: Any
+    publishers: tuple[str, ...]
+    subscribers: tuple[str, ...]
+    description: str
+
+
+REGISTRY: tuple[Channel, ...] = (
+    Channel("job queue", "rp.jobs.<endpoint>", f"jetstream {STREAM_JOBS} (work queue)", jobs.JobQueued,
+            ("gateway",), ("node-agent", "autoscaler (consumer info only)"),
+            "One message per accepted job; acked only when the job is terminal. Durable pull consumer "
+            "`ep-<endpoint>` shared by all node agents; `in_progress` while running; redelivered after "
+            "`ack_wait` when an agent dies."),
+    Channel("job events", "rp.job.<job>.events", "core", jobs.JobEvent,
+            ("node-agent", "gateway", "scheduler"), ("gateway"),
+            "Status changes (with the record) and stream-chunk notices; what /runsync waits on."),
+    Channel("job chunks", "rp.job.<job>.chunks", f"jetstream {STREAM_CHUNKS} (limits)", jobs.StreamChunk,
+            ("node-agent",), ("gateway",), "Generator outputs, read by /stream with a drain cursor."),
+    Channel("job cancel", "rp.endpoint.<endpoint>.cancel", "core", jobs.CancelJob,
+            ("gateway", "scheduler"), ("node-agent",),
+            "A job was cancelled or cut; the agent holding it offers it on the worker's stop channel."),
+    Channel("webhook due", "rp.webhook.<endpoint>.due", f"jetstream {STREAM_WEBHOOKS} (work queue)",
+            jobs.WebhookDue, ("node-agent", "gateway", "scheduler"), ("gateway",),
+            "A job with a webhook became terminal; one gateway replica delivers it."),
+    Channel("node commands", "rp.node.<node>.cmd", "request/reply", nodes.NodeCommand,
+            ("scheduler",), ("node-agent",), "Start or stop a worker; answered with CommandReply."),
+    Channel("job records", f"KV {KV_JOBS}: <endpoint>.<job>", "kv", jobs.JobRecord,
+            ("gateway", "node-agent", "scheduler"), ("gateway", "node-agent", "scheduler"),
+            "The job's state; compare-and-set writes."),
+    Channel("endpoint specs", f"KV {KV_ENDPOINTS}: <endpoint>", "kv", endpoints.EndpointSpec,
+            ("gateway",), ("scheduler", "autoscaler", "node-agent"), "Endpoint configuration."),
+    Channel("node status", f"KV {KV_NODES}: <node>", "kv", nodes.NodeStatus,
+            ("node-agent",), ("scheduler", "autoscaler", "gateway"),
+            "Inventory, workers and heartbeat time; a node whose heartbeat is older than the "
+            "loss timeout is lost."),
+    Channel("scale targets", f"KV {KV_SCALE}: <endpoint>", "kv", scaling.ScaleTarget,
+            ("autoscaler",), ("scheduler",), "Desired worker count per endpoint."),
+)
