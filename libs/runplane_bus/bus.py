@@ -17,7 +17,7 @@ from prometheus_client import Counter
 
 from runplane_bus.payloads import Payloads
 from runplane_bus.records import TypedKV
-from runplane_bus.topology import ensure_topology
+from runplane_bus.topology import delete_job_consumer, ensure_job_consumer, ensure_topology
 from runplane_proto import subjects as s
 from runplane_proto.codec import Codec, DecodeError, encode
 from runplane_proto.endpoints import EndpointSpec
@@ -101,6 +101,12 @@ class Bus:
             await self.nc.drain()
         except Exception:
             await self.nc.close()
+
+    async def ensure_job_consumer(self, endpoint_id: str, *, ack_wait_s: float = 30.0) -> None:
+        await ensure_job_consumer(self.js, endpoint_id, ack_wait_s=ack_wait_s)
+
+    async def delete_job_consumer(self, endpoint_id: str) -> None:
+        await delete_job_consumer(self.js, endpoint_id)
 
     async def kv(self, bucket: str) -> Any:
         return await self.js.key_value(bucket)

@@ -62,3 +62,36 @@ async def _bucket(js: JetStreamContext, config: api.KeyValueConfig) -> None:
             await js.create_key_value(config)
         except BadRequestError:
             await js.key_value(config.bucket)
+
+
+async def ensure_job_consumer(js: JetStreamContext, endpoint_id: str, *, ack_wait_s: float = 30.0) -> None:
+    """Create the endpoint's shared durable pull consumer if it does not exist yet.
+
+    Only created when missing, so services with different `ack_wait_s` settings never
+    fight over its config; the first creator's settings win.
+    """
+    from nats.js.errors import NotFoundError
+
+    durable = s.job_consumer(endpoint_id)
+    try:
+        await js.consumer_info(s.STREAM_JOBS, durable)
+        return
+    except NotFoundError:
+        pass
+    try:
+        await js.add_consumer(s.STREAM_JOBS, api.ConsumerConfig(
+            durable_name=durable, filter_subject=s.job_queue(endpoint_id),
+            ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=-1,
+            max_ack_pending=-1, deliver_policy=api.DeliverPolicy.ALL,
+        ))
+    except BadRequestError:
+        await js.consumer_info(s.STREAM_JOBS, durable)
+
+
+async def delete_job_consumer(js: JetStreamContext, endpoint_id: str) -> None:
+    from nats.js.errors import NotFoundError
+
+    try:
+        await js.delete_consumer(s.STREAM_JOBS, s.job_consumer(endpoint_id))
+    except NotFoundError:
+        pass
