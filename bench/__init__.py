@@ -1,0 +1,1 @@
+"""Runplane's benchmark suite: `./scripts/bench [NAME...]`."""

@@ -1,0 +1,101 @@
+"""dispatch: a no-op job through the whole system, against its floors.
+
+Figures: runsync_p50_ms, runsync_p99_ms (sequential /runsync, no-op handler),
+http_floor_p50_ms (bare Starlette no-op, same client, payload and method),
+nats_rr_floor_p50_ms, runsync_p50_over_http_floor, run_throughput_jobs_per_s
+(concurrent /run, counted to completion) and jetstream_floor_jobs_per_s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from bench.floors import http_floor_ms, jetstream_floor_jobs_per_s, nats_rr_floor_ms
+from bench.stats import percentile
+from runplane_testing.cluster import Cluster, python_command
+from runplane_testing.waiting import wait_until
+
+PAYLOAD = json.dumps({"input": {"prompt": "x" * 900, "n": 1}}).encode()
+THROUGHPUT_WORKERS = 4
+THROUGHPUT_CONCURRENCY = 64
+
+
+def _runsync_ms(cluster: Cluster, endpoint_id: str, samples: int) -> list[float]:
+    headers = {"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=cluster.gateway_url, headers=headers, timeout=30) as http:
+        for _ in range(50):
+            assert http.post(f"/v2/{endpoint_id}/runsync", content=PAYLOAD).json()["status"] == "COMPLETED"
+        out = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            resp = http.post(f"/v2/{endpoint_id}/runsync", content=PAYLOAD)
+            out.append((time.perf_counter() - t0) * 1000)
+            assert resp.json()["status"] == "COMPLETED", resp.text
+        return out
+
+
+def _throughput(cluster: Cluster, endpoint_id: str, count: int) -> float:
+    headers = {"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"}
+
+    async def submit() -> list[str]:
+        limits = httpx.Limits(max_connections=THROUGHPUT_CONCURRENCY)
+        async with httpx.AsyncClient(base_url=cluster.gateway_url, headers=headers, timeout=60,
+                                     limits=limits) as http:
+            sem = asyncio.Semaphore(THROUGHPUT_CONCURRENCY)
+
+            async def one() -> str:
+                async with sem:
+                    resp = await http.post(f"/v2/{endpoint_id}/run", content=PAYLOAD)
+                    return resp.json()["id"]
+
+            return await asyncio.gather(*(one() for _ in range(count)))
+
+    with cluster.client() as http:
+        before = http.get(f"/v2/{endpoint_id}/health").json()["jobs"]["completed"]
+    t0 = time.perf_counter()
+    ids = asyncio.run(submit())
+    assert len(set(ids)) == count
+
+    def all_done() -> bool:
+        with cluster.client() as http:
+            jobs = http.get(f"/v2/{endpoint_id}/health").json()["jobs"]
+        return jobs["completed"] - before >= count
+
+    wait_until(all_done, timeout_s=300, interval_s=0.05, what="all jobs completed")
+    return count / (time.perf_counter() - t0)
+
+
+def run(quick: bool = False) -> dict[str, float]:
+    samples = 200 if quick else 1000
+    count = 2000 if quick else 10000
+    env = {"RP_LOG_LEVEL": "WARNING"}
+    with Cluster(nodes=1, env=env) as cluster:
+        latency_ep = cluster.create_endpoint(name="bench-latency", workersMin=1, workersMax=1,
+                                             command=python_command("examples/fast/handler.py"))
+        cluster.wait_workers(latency_ep, 1)
+        runsync = _runsync_ms(cluster, latency_ep, samples)
+        headers = {"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"}
+        floor = http_floor_ms(PAYLOAD, samples, headers)
+        nats_floor = nats_rr_floor_ms(cluster.nats.url, PAYLOAD, samples)
+        tput_ep = cluster.create_endpoint(
+            name="bench-throughput", workersMin=THROUGHPUT_WORKERS, workersMax=THROUGHPUT_WORKERS,
+            command=python_command("examples/fast/handler.py"), env={"RP_WORKER_CONCURRENCY": "16"})
+        cluster.wait_workers(tput_ep, THROUGHPUT_WORKERS)
+        throughput = _throughput(cluster, tput_ep, count)
+        js_floor = jetstream_floor_jobs_per_s(cluster.nats.url, PAYLOAD, count)
+    p50 = percentile(runsync, 50)
+    floor_p50 = percentile(floor, 50)
+    return {
+        "runsync_p50_ms": round(p50, 3),
+        "runsync_p99_ms": round(percentile(runsync, 99), 3),
+        "http_floor_p50_ms": round(floor_p50, 3),
+        "nats_rr_floor_p50_ms": round(percentile(nats_floor, 50), 3),
+        "runsync_p50_over_http_floor": round(p50 / floor_p50, 2),
+        "run_throughput_jobs_per_s": round(throughput, 1),
+        "jetstream_floor_jobs_per_s": round(js_floor, 1),
+        "run_throughput_over_jetstream_floor": round(throughput / js_floor, 3),
+    }
