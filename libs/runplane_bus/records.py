@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -82,32 +83,61 @@ class TypedKV(Generic[T]):
 
     async def keys(self, pattern: str = ">") -> list[str]:
         """Current keys matching a NATS subject pattern (e.g. `ep.*`)."""
-        watcher = await self.kv.watch(pattern, ignore_deletes=True, meta_only=True)
-        keys: list[str] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                keys.append(entry.key)
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
-        return keys
+        return [entry.key for entry in await self._scan(pattern, meta_only=True)]
 
     async def items(self, pattern: str = ">") -> AsyncIterator[tuple[str, T]]:
         """Every current value whose key matches `pattern`; undecodable ones are skipped."""
-        watcher = await self.kv.watch(pattern, ignore_deletes=True)
+        for entry in await self._scan(pattern, meta_only=False):
+            try:
+                value = self.codec.decode(entry.value)
+            except DecodeError:
+                continue
+            yield entry.key, value
+
+    async def _scan(self, pattern: str, *, meta_only: bool) -> list[Any]:
+        """The latest entry of every live key matching `pattern`, each key once.
+
+        A plain watch read until its "initial values done" marker (or an entry with no
+        pending messages) misses keys now and then: nats-py may send the marker before it
+        has handed over messages the server already delivered, and a key written during
+        the read is skipped at its old revision with its new one not yet counted. So every
+        message is counted here (deletes too), the read ends only when the consumer
+        confirms that nothing is pending and everything it delivered was received, and a
+        key seen twice keeps its newest entry.
+        """
+        watcher = await self.kv.watch(pattern, meta_only=meta_only)
+        latest: dict[str, Any] = {}
+        received = 0
         try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value is not None and entry.operation not in ("DEL", "PURGE"):
-                    try:
-                        yield entry.key, self.codec.decode(entry.value)
-                    except DecodeError:
-                        pass
-                if entry.delta == 0:
+            while True:
+                quiet = False
+                try:
+                    entry = await watcher.updates(timeout=_SCAN_POLL_S)
+                except NatsTimeoutError:
+                    entry, quiet = None, True
+                if entry is not None:
+                    received += 1
+                    seen = latest.get(entry.key)
+                    if seen is None or entry.revision > seen.revision:
+                        latest[entry.key] = entry
+                    if entry.delta != 0:
+                        continue
+                if await _caught_up(watcher, received, quiet=quiet):
                     break
         finally:
             await watcher.stop()
+        return [e for e in latest.values()
+                if e.operation not in ("DEL", "PURGE") and (meta_only or e.value is not None)]
+
+
+_SCAN_POLL_S = 1.0
+
+
+async def _caught_up(watcher: Any, received: int, *, quiet: bool) -> bool:
+    info = await watcher._sub.consumer_info()
+    if info.num_pending:
+        return False
+    delivered = info.delivered.consumer_seq if info.delivered else 0
+    # After a poll with nothing new, what is still missing was dropped by the client
+    # (nats-py skips server markers it does not know): do not wait for it forever.
+    return delivered <= received or quiet

@@ -12,3 +12,11 @@ class ScaleTarget(msgspec.Struct, frozen=True, kw_only=True):
     desired_workers: int
     reason: str = ""
     decided_at_ms: int = 0
+    # The autoscaler's policy state, persisted beside the decision so a restarted
+    # (or standby) autoscaler continues with the same idle windows. 0 = never.
+    # Last sample with queued or in-progress work.
+    last_active_at_ms: int = 0
+    # Last sample whose demand needed all of `desired_workers` (no surplus).
+    last_needed_at_ms: int = 0
+    # When `desired_workers` last went up.
+    last_scale_up_at_ms: int = 0

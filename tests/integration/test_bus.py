@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from runplane_bus import Bus, BusSettings, Conflict
 from runplane_proto.jobs import JobPolicy, JobRecord
 

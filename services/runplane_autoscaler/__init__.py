@@ -1,0 +1,1 @@
+"""The autoscaler: per endpoint, sample the load, decide the desired worker count, publish it."""

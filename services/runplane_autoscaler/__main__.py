@@ -1,0 +1,3 @@
+from runplane_autoscaler.main import main
+
+main()

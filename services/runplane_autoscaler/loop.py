@@ -1,0 +1,155 @@
+"""The autoscaler's control loop: sample → decide → publish, every interval, never dying."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+
+from runplane_autoscaler.policy import ScaleState, decide, state_of
+from runplane_autoscaler.settings import AutoscalerSettings
+from runplane_autoscaler.signals import sample
+from runplane_bus import Bus
+from runplane_proto import subjects
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.scaling import ScaleTarget
+from runplane_service.clock import Clock
+
+T = TypeVar("T")
+log = structlog.get_logger("runplane.autoscaler")
+
+TICKS = Counter("rp_autoscaler_ticks_total", "Control loop iterations")
+ERRORS = Counter("rp_autoscaler_errors_total", "Failed loop steps (the loop continues)", ["step"])
+TICK_SECONDS = Histogram("rp_autoscaler_tick_seconds", "Time one loop iteration took",
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+WRITES = Counter("rp_autoscaler_target_writes_total", "Scale targets written to KV")
+DESIRED = Gauge("rp_autoscaler_desired_workers", "Desired workers per endpoint", ["endpoint"])
+QUEUED = Gauge("rp_autoscaler_queued_jobs", "Jobs waiting in the endpoint's queue", ["endpoint"])
+IN_PROGRESS = Gauge("rp_autoscaler_in_progress_jobs", "Jobs delivered and not yet acked", ["endpoint"])
+OLDEST_AGE = Gauge("rp_autoscaler_oldest_queued_age_seconds", "Age of the oldest queued job", ["endpoint"])
+PER_ENDPOINT = (DESIRED, QUEUED, IN_PROGRESS, OLDEST_AGE)
+
+
+class Autoscaler:
+    """Holds the policy state per endpoint; `tick()` runs one sample → decide → publish round."""
+
+    def __init__(self, bus: Bus, settings: AutoscalerSettings, clock: Clock | None = None) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.states: dict[str, ScaleState] = {}
+        # The target last written per endpoint and when (ms), to write only on change.
+        self.written: dict[str, tuple[ScaleTarget, int]] = {}
+        self._restored = False
+        self.ticks = 0  # rounds started (tests wait on it)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("autoscaler running", interval_s=self.settings.interval_s)
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:  # every step catches; this is the last line of defence
+                ERRORS.labels(step="tick").inc()
+                log.exception("autoscaler tick failed")
+            elapsed = time.monotonic() - started
+            TICK_SECONDS.observe(elapsed)
+            await _pause(stop, max(0.0, self.settings.interval_s - elapsed))
+
+    async def tick(self) -> None:
+        TICKS.inc()
+        self.ticks += 1
+        now_ms = self.clock.now_ms()
+        ok, specs = await self._step("read endpoints", self._read_endpoints)
+        if not ok:
+            return
+        if not self._restored:
+            self._restored, _ = await self._step("restore state", self._restore)
+        ok, sampled = await self._step("sample", lambda: sample(
+            self.bus, specs.keys(), now_ms, ack_wait_s=self.settings.ack_wait_s,
+            node_loss_timeout_ms=int(self.settings.node_loss_timeout_s * 1000)))
+        if not ok:
+            return
+        signals, errors = sampled
+        for endpoint_id, exc in errors.items():
+            ERRORS.labels(step="sample").inc()
+            log.warning("could not sample endpoint", endpoint_id=endpoint_id, error=repr(exc))
+        for endpoint_id, spec in specs.items():
+            if endpoint_id not in signals:
+                continue
+            s = signals[endpoint_id]
+            QUEUED.labels(endpoint=endpoint_id).set(s.in_queue)
+            IN_PROGRESS.labels(endpoint=endpoint_id).set(s.in_progress)
+            OLDEST_AGE.labels(endpoint=endpoint_id).set(s.oldest_queued_age_ms / 1000)
+            try:
+                target, state = decide(spec, s, self.states.get(endpoint_id), now_ms)
+            except Exception:
+                ERRORS.labels(step="decide").inc()
+                log.exception("decide failed", endpoint_id=endpoint_id)
+                continue
+            self.states[endpoint_id] = state
+            DESIRED.labels(endpoint=endpoint_id).set(target.desired_workers)
+            if self._should_write(target, now_ms):
+                await self._step("publish", lambda t=target: self._publish(t, now_ms))
+        await self._step("forget endpoints", lambda: self._forget(set(specs)))
+
+    async def _step(self, name: str, action: Callable[[], Awaitable[T]]) -> tuple[bool, Any]:
+        """Run one step: (True, its result), or on failure log, count and (False, None)."""
+        try:
+            return True, await action()
+        except Exception as exc:
+            ERRORS.labels(step=name).inc()
+            log.warning("autoscaler step failed", step=name, error=repr(exc))
+            return False, None
+
+    async def _read_endpoints(self) -> dict[str, EndpointSpec]:
+        return {spec.id: spec async for _, spec in self.bus.endpoints.items()}
+
+    async def _restore(self) -> None:
+        """Continue from the targets a previous autoscaler wrote."""
+        async for _key, target in self.bus.scale.items():
+            self.states.setdefault(target.endpoint_id, state_of(target))
+            self.written.setdefault(target.endpoint_id, (target, target.decided_at_ms))
+
+    def _should_write(self, target: ScaleTarget, now_ms: int) -> bool:
+        previous = self.written.get(target.endpoint_id)
+        if previous is None:
+            return True
+        last, written_at_ms = previous
+        if last.desired_workers != target.desired_workers:
+            return True
+        # Same count: only refresh the persisted state (and reason) now and then.
+        same = (last.reason, last.last_active_at_ms, last.last_needed_at_ms, last.last_scale_up_at_ms) == (
+            target.reason, target.last_active_at_ms, target.last_needed_at_ms, target.last_scale_up_at_ms)
+        return not same and now_ms - written_at_ms >= self.settings.persist_state_s * 1000
+
+    async def _publish(self, target: ScaleTarget, now_ms: int) -> None:
+        previous = self.written.get(target.endpoint_id)
+        await self.bus.scale.put(subjects.scale_key(target.endpoint_id), target)
+        WRITES.inc()
+        self.written[target.endpoint_id] = (target, now_ms)
+        if previous is None or previous[0].desired_workers != target.desired_workers:
+            log.info("scale target", endpoint_id=target.endpoint_id, desired_workers=target.desired_workers,
+                     previous=None if previous is None else previous[0].desired_workers, reason=target.reason)
+
+    async def _forget(self, live: set[str]) -> None:
+        """Drop the state and the target of endpoints that were deleted."""
+        for endpoint_id in (set(self.states) | set(self.written)) - live:
+            await self.bus.scale.delete(subjects.scale_key(endpoint_id))
+            self.states.pop(endpoint_id, None)
+            self.written.pop(endpoint_id, None)
+            for gauge in PER_ENDPOINT:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(endpoint_id)
+            log.info("endpoint gone: scale target deleted", endpoint_id=endpoint_id)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -1,0 +1,137 @@
+"""How many workers an endpoint wants: a pure function of its spec, a sample and the state.
+
+`decide(spec, signals, state, now_ms) -> (ScaleTarget, state)`; no I/O, no clock, no
+logging: the reason for each decision is returned in the target.
+
+The rules (RunPod's endpoint settings, with hysteresis so a steady load gives a flat count):
+
+* the result is always within [workersMin, workersMax];
+* scale up at once: `REQUEST_COUNT` wants ceil((inQueue + inProgress) / scalerValue)
+  workers; `QUEUE_DELAY` adds one worker when the oldest queued job has waited longer
+  than scalerValue seconds (at most one per scalerValue seconds, so a slow cold start
+  does not add a worker every tick), and wants at least one worker whenever there is
+  any work, so an endpoint scales from zero as soon as a job is queued;
+* scale down one worker per decision, only once the surplus has lasted `idleTimeout`
+  seconds, never to zero before the endpoint had no queued or in-progress work for
+  `idleTimeout` seconds, and never below the number of busy workers.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.scaling import ScaleTarget
+
+
+class Signals(msgspec.Struct, frozen=True, kw_only=True):
+    """One sample of an endpoint's load (what `signals.sample` reads from the bus)."""
+
+    in_queue: int = 0
+    in_progress: int = 0
+    oldest_queued_age_ms: int = 0
+    workers_total: int = 0
+    workers_busy: int = 0
+    workers_idle: int = 0
+
+
+class ScaleState(msgspec.Struct, frozen=True, kw_only=True):
+    """What `decide` remembers between calls (persisted inside the ScaleTarget)."""
+
+    desired_workers: int
+    last_active_at_ms: int = 0
+    last_needed_at_ms: int = 0
+    last_scale_up_at_ms: int = 0
+
+
+def bounds(spec: EndpointSpec) -> tuple[int, int]:
+    """[low, high] worker count; a spec with min > max is read as min = max = workersMin."""
+    low = max(0, spec.workers_min)
+    return low, max(low, spec.workers_max)
+
+
+def clamp(spec: EndpointSpec, n: int) -> int:
+    low, high = bounds(spec)
+    return min(high, max(low, n))
+
+
+def initial_state(spec: EndpointSpec, now_ms: int) -> ScaleState:
+    """The state of an endpoint seen for the first time: at workersMin, nothing to remember."""
+    return ScaleState(desired_workers=clamp(spec, 0), last_needed_at_ms=now_ms)
+
+
+def state_of(target: ScaleTarget) -> ScaleState:
+    """The state persisted in a ScaleTarget (written by `decide`)."""
+    return ScaleState(
+        desired_workers=target.desired_workers, last_active_at_ms=target.last_active_at_ms,
+        last_needed_at_ms=target.last_needed_at_ms, last_scale_up_at_ms=target.last_scale_up_at_ms,
+    )
+
+
+def needed_workers(spec: EndpointSpec, signals: Signals, state: ScaleState, now_ms: int) -> tuple[int, str]:
+    """The count the scaler asks for now (before bounds and hysteresis), and why."""
+    queued, running = max(0, signals.in_queue), max(0, signals.in_progress)
+    current = state.desired_workers
+    if spec.scaler_type == "REQUEST_COUNT":
+        per_worker = max(1, spec.scaler_value)
+        need = -(-(queued + running) // per_worker)
+        reason = f"{queued} queued + {running} in progress at {per_worker} per worker"
+    else:
+        delay_ms = max(0, spec.scaler_value) * 1000
+        age_ms = signals.oldest_queued_age_ms
+        if queued and age_ms > delay_ms:
+            if current == 0 or now_ms - state.last_scale_up_at_ms >= delay_ms:
+                need, reason = current + 1, f"oldest queued job waited {age_ms} ms > {delay_ms} ms"
+            else:
+                need, reason = current, f"oldest queued job waited {age_ms} ms; a worker was added recently"
+        elif queued:
+            need, reason = current, f"{queued} queued, oldest waited {age_ms} ms <= {delay_ms} ms"
+        else:
+            # Without a queue this scaler never adds workers; it only keeps the busy ones.
+            need, reason = min(current, running), f"nothing queued, {running} in progress"
+    if queued + running > 0 and need < 1:
+        need, reason = 1, f"{reason}; work needs at least one worker"
+    return need, reason
+
+
+def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
+           now_ms: int) -> tuple[ScaleTarget, ScaleState]:
+    """The endpoint's desired worker count and the state to pass to the next call."""
+    if state is None:
+        state = initial_state(spec, now_ms)
+    current = clamp(spec, state.desired_workers)
+    state = msgspec.structs.replace(state, desired_workers=current)
+    active = signals.in_queue > 0 or signals.in_progress > 0
+    last_active = now_ms if active else state.last_active_at_ms
+    need, why = needed_workers(spec, signals, state, now_ms)
+    last_needed = now_ms if need >= current else state.last_needed_at_ms
+    last_up = state.last_scale_up_at_ms
+    idle_ms = max(0, spec.idle_timeout_s) * 1000
+
+    if need > current:
+        desired = clamp(spec, need)
+        reason = f"scale up: {why}" if desired > current else f"at workersMax: {why}"
+    elif need == current:
+        desired, reason = current, f"hold: {why}"
+    elif now_ms - last_needed < idle_ms:
+        desired, reason = current, f"hold (surplus for {now_ms - last_needed} ms < idle timeout): {why}"
+    elif current == 1 and now_ms - last_active < idle_ms:
+        desired, reason = current, f"hold (last work {now_ms - last_active} ms ago < idle timeout): {why}"
+    else:
+        floor = max(need, signals.workers_busy)
+        desired = clamp(spec, max(current - 1, floor))
+        if desired < current:
+            reason = f"scale down: surplus for {now_ms - last_needed} ms >= idle timeout; {why}"
+        elif signals.workers_busy >= current:
+            reason = f"hold: {signals.workers_busy} workers busy; {why}"
+        else:
+            reason = f"at workersMin: {why}"
+    if desired > current:
+        last_up = now_ms
+    new_state = ScaleState(desired_workers=desired, last_active_at_ms=last_active,
+                           last_needed_at_ms=last_needed, last_scale_up_at_ms=last_up)
+    target = ScaleTarget(
+        endpoint_id=spec.id, desired_workers=desired, reason=reason, decided_at_ms=now_ms,
+        last_active_at_ms=last_active, last_needed_at_ms=last_needed, last_scale_up_at_ms=last_up,
+    )
+    return target, new_state

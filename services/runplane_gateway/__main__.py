@@ -1,0 +1,3 @@
+from runplane_gateway.main import main
+
+main()

@@ -1,0 +1,276 @@
+"""Job records as the gateway sees them: submit, read (with retention and TTL applied),
+render, cancel, retry, purge and count. Every record write is compare-and-set."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+from msgspec import UNSET, Raw
+
+from runplane_bus import Bus
+from runplane_proto import subjects
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.ids import is_valid_id
+from runplane_proto.jobs import (
+    INLINE_PAYLOAD_LIMIT_BYTES, CancelJob, JobChanged, JobPolicy, JobQueued, JobRecord, WebhookDue,
+    is_terminal,
+)
+from runplane_service.clock import Clock
+from runplane_gateway import metrics
+from runplane_gateway.errors import ApiError
+from runplane_gateway.retention import is_gone, timed_out, ttl_expired
+from runplane_gateway.settings import GatewaySettings
+from runplane_gateway.wire import JobCounts, JobView, encoder
+
+log = structlog.get_logger("runplane.gateway.jobs")
+
+RETRYABLE = frozenset({"FAILED", "TIMED_OUT"})
+# How many records purge-queue changes at once.
+PURGE_CONCURRENCY = 32
+
+
+class Jobs:
+    def __init__(self, bus: Bus, settings: GatewaySettings, clock: Clock) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.clock = clock
+
+    # -- submit -------------------------------------------------------------------------------
+
+    async def submit(
+        self, spec: EndpointSpec, job_id: str, *, input_raw: bytes, sync: bool, policy: JobPolicy,
+        webhook: str | None, extra_json: bytes | None,
+    ) -> JobRecord:
+        """Save the input, create the record IN_QUEUE and queue the job (both at once)."""
+        if len(input_raw) > INLINE_PAYLOAD_LIMIT_BYTES:
+            input_json, input_ref = await self.bus.payloads.save(job_id, "input", input_raw)
+        else:
+            input_json, input_ref = input_raw, None
+        record = JobRecord(
+            id=job_id, endpoint_id=spec.id, status="IN_QUEUE", policy=policy,
+            submitted_at_ms=self.clock.now_ms(), sync=sync, input_json=input_json, input_ref=input_ref,
+            extra_json=extra_json, webhook=webhook,
+        )
+        key = subjects.job_key(spec.id, job_id)
+        queued = JobQueued(job_id=job_id, endpoint_id=spec.id, submitted_at_ms=record.submitted_at_ms,
+                           low_priority=policy.low_priority)
+        created, published = await asyncio.gather(
+            self.bus.jobs.create(key, record),
+            self.bus.publish_durable(subjects.job_queue(spec.id), queued, msg_id=f"{job_id}:0"),
+            return_exceptions=True,
+        )
+        if isinstance(created, BaseException) or isinstance(published, BaseException):
+            # Half a job must not linger: an agent drops a message whose record never appears.
+            failure = created if isinstance(created, BaseException) else published
+            log.warning("submit failed", job_id=job_id, endpoint_id=spec.id, error=repr(failure))
+            await _quietly(self.bus.jobs.delete(key))
+            await _quietly(self.bus.payloads.delete(input_ref))
+            raise ApiError(503, f"could not queue the job: {type(failure).__name__}")
+        metrics.JOBS_SUBMITTED.labels("runsync" if sync else "run").inc()
+        return record
+
+    # -- read ---------------------------------------------------------------------------------
+
+    async def read(self, endpoint_id: str, job_id: str) -> JobRecord | None:
+        """The record as a client may see it: None when absent or past its retention; a queued
+        job past its TTL is made TIMED_OUT first."""
+        if not (is_valid_id(endpoint_id) and is_valid_id(job_id)):
+            return None
+        key = subjects.job_key(endpoint_id, job_id)
+        got = await self.bus.jobs.get(key)
+        if got is None:
+            return None
+        return await self.settle(got.value)
+
+    async def settle(self, record: JobRecord) -> JobRecord | None:
+        """Apply retention and TTL to a record just read (from KV or an event)."""
+        now_ms = self.clock.now_ms()
+        if self._gone(record, now_ms):
+            return None
+        if ttl_expired(record, now_ms):
+            record = await self._expire(record, now_ms)
+        return record
+
+    async def view(self, record: JobRecord) -> bytes:
+        """The job object (the /status body), output spliced in as raw JSON."""
+        output: Raw | Any = UNSET
+        if record.output_json is not None:
+            output = Raw(record.output_json)
+        elif record.output_ref is not None:
+            data = await self.bus.payloads.load(None, record.output_ref)
+            if data is not None:
+                output = Raw(data)
+        delay_ms: int | Any = UNSET
+        execution_ms: int | Any = UNSET
+        if record.started_at_ms is not None:
+            delay_ms = max(0, record.started_at_ms - record.submitted_at_ms)
+            ended_ms = record.completed_at_ms if record.completed_at_ms is not None else self.clock.now_ms()
+            execution_ms = max(0, ended_ms - record.started_at_ms)
+        return encoder.encode(JobView(
+            id=record.id, status=record.status, delayTime=delay_ms, executionTime=execution_ms,
+            output=output,
+            error=record.error if record.error is not None else UNSET,
+            workerId=record.worker_id if record.worker_id is not None else UNSET,
+            retries=record.retries if record.retries > 0 else UNSET,
+        ))
+
+    # -- changes ------------------------------------------------------------------------------
+
+    async def cancel(self, endpoint_id: str, job_id: str) -> JobRecord | None:
+        """Make a non-terminal job CANCELLED; a terminal one is returned unchanged."""
+        record = await self.read(endpoint_id, job_id)
+        if record is None or is_terminal(record.status):
+            return record
+        now_ms = self.clock.now_ms()
+
+        def cancelled(r: JobRecord) -> JobRecord | None:
+            if is_terminal(r.status):
+                return None
+            return msgspec.structs.replace(r, status="CANCELLED", completed_at_ms=now_ms)
+
+        new, wrote = await self._change(_key(record), cancelled)
+        if new is not None and wrote:
+            metrics.JOBS_ENDED.labels("CANCELLED", "cancel").inc()
+            await self.announce(new, cancel_reason="cancelled")
+        return new
+
+    async def retry(self, spec: EndpointSpec, job_id: str) -> JobRecord | None:
+        """Queue a FAILED or TIMED_OUT job again under the same id (400 for any other state)."""
+        record = await self.read(spec.id, job_id)
+        if record is None:
+            return None
+        if record.status not in RETRYABLE:
+            raise _not_retryable(job_id, record.status)
+        now_ms = self.clock.now_ms()
+
+        def requeue(r: JobRecord) -> JobRecord | None:
+            if r.status not in RETRYABLE:
+                return None
+            return msgspec.structs.replace(
+                r, status="IN_QUEUE", retries=r.retries + 1, attempts=0, submitted_at_ms=now_ms,
+                started_at_ms=None, completed_at_ms=None, output_json=None, output_ref=None, error=None,
+                worker_id=None, node_id=None,
+            )
+
+        new, wrote = await self._change(_key(record), requeue)
+        if new is None:
+            return None
+        if not wrote:
+            raise _not_retryable(job_id, new.status)
+        queued = JobQueued(job_id=job_id, endpoint_id=spec.id, submitted_at_ms=now_ms,
+                           low_priority=new.policy.low_priority)
+        await asyncio.gather(
+            self.bus.publish_durable(subjects.job_queue(spec.id), queued, msg_id=f"{job_id}:{new.retries}"),
+            self.bus.publish(subjects.job_events(job_id), JobChanged(record=new)),
+        )
+        if record.output_ref is not None:
+            await _quietly(self.bus.payloads.delete(record.output_ref))
+        return new
+
+    async def purge(self, endpoint_id: str) -> int:
+        """Cancel every queued job of the endpoint (error "purged"); returns how many."""
+        keys = [key async for key, r in self.bus.jobs.items(subjects.endpoint_jobs_filter(endpoint_id))
+                if r.status == "IN_QUEUE"]
+        limit = asyncio.Semaphore(PURGE_CONCURRENCY)
+        now_ms = self.clock.now_ms()
+
+        def purged(r: JobRecord) -> JobRecord | None:
+            if r.status != "IN_QUEUE":
+                return None
+            return msgspec.structs.replace(r, status="CANCELLED", error="purged", completed_at_ms=now_ms)
+
+        async def purge_one(key: str) -> int:
+            async with limit:
+                new, wrote = await self._change(key, purged)
+                if new is None or not wrote:
+                    return 0
+                await self.announce(new)
+                return 1
+
+        removed = sum(await asyncio.gather(*(purge_one(k) for k in keys)))
+        metrics.JOBS_ENDED.labels("CANCELLED", "purge").inc(removed)
+        return removed
+
+    async def count(self, endpoint_id: str) -> JobCounts:
+        """The /health job counts, from the endpoint's records as a client would see them."""
+        counts = JobCounts()
+        now_ms = self.clock.now_ms()
+        async for _, r in self.bus.jobs.items(subjects.endpoint_jobs_filter(endpoint_id)):
+            if self._gone(r, now_ms):
+                continue
+            if r.retries > 0:
+                counts.retried += 1
+            status = "TIMED_OUT" if ttl_expired(r, now_ms) else r.status
+            if status == "IN_QUEUE":
+                counts.inQueue += 1
+            elif status == "IN_PROGRESS":
+                counts.inProgress += 1
+            elif status == "COMPLETED":
+                counts.completed += 1
+            elif status in RETRYABLE:
+                counts.failed += 1
+        return counts
+
+    async def announce(self, record: JobRecord, *, cancel_reason: str | None = None) -> None:
+        """Tell the bus about a change this gateway made: the event, the agent's cancel,
+        and the webhook when the job has one and is now terminal."""
+        sends: list[Awaitable[Any]] = [
+            self.bus.publish(subjects.job_events(record.id), JobChanged(record=record)),
+        ]
+        if cancel_reason is not None:
+            sends.append(self.bus.publish(subjects.job_cancel(record.endpoint_id), CancelJob(
+                job_id=record.id, endpoint_id=record.endpoint_id, reason=cancel_reason)))
+        if record.webhook and is_terminal(record.status):
+            sends.append(self.bus.publish_durable(subjects.webhook_due(record.endpoint_id), WebhookDue(
+                job_id=record.id, endpoint_id=record.endpoint_id)))
+        await asyncio.gather(*sends)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _gone(self, record: JobRecord, now_ms: int) -> bool:
+        return is_gone(record, now_ms, result_retention_s=self.settings.result_retention_s,
+                       sync_result_retention_s=self.settings.sync_result_retention_s)
+
+    async def _expire(self, record: JobRecord, now_ms: int) -> JobRecord:
+        new, wrote = await self._change(
+            _key(record), lambda r: timed_out(r, now_ms) if ttl_expired(r, now_ms) else None)
+        if new is None:  # deleted meanwhile (the janitor): report what we knew, expired
+            return timed_out(record, now_ms)
+        if wrote:
+            metrics.JOBS_ENDED.labels("TIMED_OUT", "ttl").inc()
+            await self.announce(new)
+        return new
+
+    async def _change(
+        self, key: str, change: Callable[[JobRecord], JobRecord | None],
+    ) -> tuple[JobRecord | None, bool]:
+        """CAS `change` on the job's record; returns (the record now, whether we wrote it)."""
+        wrote = False
+
+        def tracked(r: JobRecord) -> JobRecord | None:
+            nonlocal wrote
+            new = change(r)
+            wrote = new is not None
+            return new
+
+        result = await self.bus.jobs.modify(key, tracked)
+        return (None, False) if result is None else (result.value, wrote)
+
+
+def _not_retryable(job_id: str, status: str) -> ApiError:
+    return ApiError(400, f"job {job_id} is {status}: only FAILED or TIMED_OUT jobs can be retried")
+
+
+def _key(record: JobRecord) -> str:
+    return subjects.job_key(record.endpoint_id, record.id)
+
+
+async def _quietly(op: Awaitable[Any]) -> None:
+    try:
+        await op
+    except Exception as exc:
+        log.warning("cleanup failed", error=repr(exc))

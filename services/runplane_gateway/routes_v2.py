@@ -1,0 +1,244 @@
+"""The client API, RunPod's `/v2/{endpoint_id}/...`: run, runsync, status, stream, cancel,
+retry, purge-queue, health (and the JS SDK's status-sync)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from runplane_bus import Bus
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.ids import is_valid_id, new_job_id
+from runplane_proto.jobs import JobPolicy, JobRecord, is_terminal
+from runplane_service.clock import Clock
+from runplane_gateway import metrics
+from runplane_gateway.catalog import EndpointCatalog
+from runplane_gateway.chunks import ChunkReader
+from runplane_gateway.errors import ApiError, json_response, validation_message
+from runplane_gateway.health import worker_counts
+from runplane_gateway.jobs import Jobs
+from runplane_gateway.limits import RateLimiter, read_body
+from runplane_gateway.settings import GatewaySettings
+from runplane_gateway.waiters import JobWaiter
+from runplane_gateway.wire import (
+    DEFAULT_TTL_MS, HealthView, JobRef, PurgeView, StreamView, SubmitPolicy, body_decoder, encoder,
+)
+
+WAIT_MIN_MS = 1_000
+WAIT_MAX_MS = 300_000
+_policy_decoder = msgspec.json.Decoder(SubmitPolicy)
+_webhook_decoder = msgspec.json.Decoder(str | None)
+
+
+class Submission(NamedTuple):
+    input_raw: bytes
+    policy: JobPolicy
+    webhook: str | None
+    extra_json: bytes | None
+
+
+def parse_submission(body: bytes, spec: EndpointSpec) -> Submission:
+    """A /run or /runsync body: `input` (any JSON value, required) kept raw, `webhook`,
+    `policy`, and every other top-level key (e.g. `s3Config`) kept raw for the worker."""
+    try:
+        fields = body_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise ApiError(400, "the body must be a JSON object with an input") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"invalid JSON body: {exc}") from None
+    raw_input = fields.pop("input", None)
+    if raw_input is None:
+        raise ApiError(400, "input is required: send {\"input\": ...}")
+    input_raw = bytes(raw_input)
+    if input_raw == b"null":
+        raise ApiError(400, "input must not be null")
+    webhook = _webhook(fields.pop("webhook", None))
+    policy = _policy(fields.pop("policy", None), spec)
+    extra_json = None
+    if fields:
+        extra_json = b"{" + b",".join(encoder.encode(k) + b":" + bytes(v) for k, v in fields.items()) + b"}"
+    return Submission(input_raw, policy, webhook, extra_json)
+
+
+def _webhook(raw: msgspec.Raw | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        url = _webhook_decoder.decode(raw)
+    except msgspec.ValidationError:
+        raise ApiError(400, "webhook must be a URL string") from None
+    if url is None or url == "":
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, f"webhook must be an http(s) URL, got {url[:200]!r}")
+    return url
+
+
+def _policy(raw: msgspec.Raw | None, spec: EndpointSpec) -> JobPolicy:
+    given = SubmitPolicy()
+    if raw is not None and bytes(raw) != b"null":
+        try:
+            given = _policy_decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, validation_message(exc, "policy")) from None
+    return JobPolicy(
+        execution_timeout_ms=given.executionTimeout or spec.execution_timeout_ms,
+        ttl_ms=given.ttl or DEFAULT_TTL_MS,
+        low_priority=given.lowPriority,
+    )
+
+
+def _wait_ms(request: Request, default_ms: int) -> int:
+    raw = request.query_params.get("wait")
+    if raw is None or raw == "":
+        return default_ms
+    try:
+        wait_ms = int(raw)
+    except ValueError:
+        wait_ms = -1
+    if not WAIT_MIN_MS <= wait_ms <= WAIT_MAX_MS:
+        raise ApiError(400, f"wait must be milliseconds between {WAIT_MIN_MS} and {WAIT_MAX_MS}, "
+                            f"got {raw!r}")
+    return wait_ms
+
+
+class ClientApi:
+    def __init__(self, bus: Bus, catalog: EndpointCatalog, jobs: Jobs, chunks: ChunkReader,
+                 limiter: RateLimiter, settings: GatewaySettings, clock: Clock) -> None:
+        self.bus = bus
+        self.catalog = catalog
+        self.jobs = jobs
+        self.chunks = chunks
+        self.limiter = limiter
+        self.settings = settings
+        self.clock = clock
+
+    def routes(self) -> list[Route]:
+        read = ["GET", "POST"]
+        return [
+            Route("/v2/{endpoint_id}/run", self.run, methods=["POST"]),
+            Route("/v2/{endpoint_id}/runsync", self.runsync, methods=["POST"]),
+            Route("/v2/{endpoint_id}/status/{job_id}", self.status, methods=read),
+            Route("/v2/{endpoint_id}/status-sync/{job_id}", self.status_sync, methods=read),
+            Route("/v2/{endpoint_id}/stream/{job_id}", self.stream, methods=read),
+            Route("/v2/{endpoint_id}/cancel/{job_id}", self.cancel, methods=["POST"]),
+            Route("/v2/{endpoint_id}/retry/{job_id}", self.retry, methods=["POST"]),
+            Route("/v2/{endpoint_id}/purge-queue", self.purge_queue, methods=["POST"]),
+            Route("/v2/{endpoint_id}/health", self.health, methods=["GET"]),
+        ]
+
+    async def run(self, request: Request) -> Response:
+        spec = await self._endpoint(request)
+        with self.limiter.hold(spec.id, "run"):
+            body = await read_body(request, self.settings.max_body_run_bytes, "run")
+            sub = parse_submission(body, spec)
+            record = await self.jobs.submit(spec, new_job_id(), input_raw=sub.input_raw, sync=False,
+                                            policy=sub.policy, webhook=sub.webhook, extra_json=sub.extra_json)
+        return json_response(encoder.encode(JobRef(id=record.id, status=record.status)))
+
+    async def runsync(self, request: Request) -> Response:
+        spec = await self._endpoint(request)
+        wait_ms = _wait_ms(request, self.settings.runsync_wait_ms)
+        with self.limiter.hold(spec.id, "runsync"):
+            body = await read_body(request, self.settings.max_body_runsync_bytes, "runsync")
+            sub = parse_submission(body, spec)
+            job_id = new_job_id(sync=True)
+            async with JobWaiter(self.bus.nc, job_id) as waiter:
+                await self.jobs.submit(spec, job_id, input_raw=sub.input_raw, sync=True, policy=sub.policy,
+                                       webhook=sub.webhook, extra_json=sub.extra_json)
+                done = await waiter.wait(wait_ms / 1000)
+            if done is not None:
+                return json_response(await self.jobs.view(done))
+            metrics.RUNSYNC_WAITS_EXPIRED.inc()
+            return await self._latest(spec.id, job_id, waiter.latest)
+
+    async def status(self, request: Request) -> Response:
+        endpoint_id, job_id = request.path_params["endpoint_id"], request.path_params["job_id"]
+        with self.limiter.hold(endpoint_id, "status"):
+            record = await self._job(endpoint_id, job_id)
+            return json_response(await self.jobs.view(record))
+
+    async def status_sync(self, request: Request) -> Response:
+        """The JS SDK's long-poll: /status, held until the job is terminal or `wait` runs out."""
+        endpoint_id, job_id = request.path_params["endpoint_id"], request.path_params["job_id"]
+        wait_ms = _wait_ms(request, self.settings.runsync_wait_ms)
+        with self.limiter.hold(endpoint_id, "status"):
+            if not is_valid_id(job_id):
+                raise _unknown_job(job_id)
+            async with JobWaiter(self.bus.nc, job_id) as waiter:
+                record = await self._job(endpoint_id, job_id)
+                if not is_terminal(record.status):
+                    done = await waiter.wait(wait_ms / 1000)
+                    record = done if done is not None else await self._job(endpoint_id, job_id)
+            return json_response(await self.jobs.view(record))
+
+    async def stream(self, request: Request) -> Response:
+        endpoint_id, job_id = request.path_params["endpoint_id"], request.path_params["job_id"]
+        with self.limiter.hold(endpoint_id, "stream"):
+            # The record first: once it is terminal, every chunk is already stored.
+            record = await self._job(endpoint_id, job_id)
+            chunks = await self.chunks.drain(job_id)
+            view = StreamView(id=record.id, status=record.status, stream=chunks)
+            return json_response(encoder.encode(view))
+
+    async def cancel(self, request: Request) -> Response:
+        endpoint_id, job_id = request.path_params["endpoint_id"], request.path_params["job_id"]
+        with self.limiter.hold(endpoint_id, "cancel"):
+            record = await self.jobs.cancel(endpoint_id, job_id)
+            if record is None:
+                raise _unknown_job(job_id)
+            return json_response(encoder.encode(JobRef(id=record.id, status=record.status)))
+
+    async def retry(self, request: Request) -> Response:
+        spec = await self._endpoint(request)
+        job_id = request.path_params["job_id"]
+        record = await self.jobs.retry(spec, job_id)
+        if record is None:
+            raise _unknown_job(job_id)
+        return json_response(encoder.encode(JobRef(id=record.id, status=record.status)))
+
+    async def purge_queue(self, request: Request) -> Response:
+        spec = await self._endpoint(request)
+        with self.limiter.hold(spec.id, "purge-queue"):
+            removed = await self.jobs.purge(spec.id)
+        return json_response(encoder.encode(PurgeView(removed=removed)))
+
+    async def health(self, request: Request) -> Response:
+        spec = await self._endpoint(request)
+        jobs = await self.jobs.count(spec.id)
+        workers = await worker_counts(self.bus, spec.id, now_ms=self.clock.now_ms(),
+                                      node_loss_timeout_s=self.settings.node_loss_timeout_s)
+        return json_response(encoder.encode(HealthView(jobs=jobs, workers=workers)))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _endpoint(self, request: Request) -> EndpointSpec:
+        endpoint_id = request.path_params["endpoint_id"]
+        spec = await self.catalog.get(endpoint_id) if is_valid_id(endpoint_id) else None
+        if spec is None:
+            raise ApiError(404, f"endpoint {endpoint_id!r} not found")
+        return spec
+
+    async def _job(self, endpoint_id: str, job_id: str) -> JobRecord:
+        record = await self.jobs.read(endpoint_id, job_id)
+        if record is None:
+            raise _unknown_job(job_id)
+        return record
+
+    async def _latest(self, endpoint_id: str, job_id: str, seen: JobRecord | None) -> Response:
+        """/runsync after its wait ran out: the job object if it just finished, else `{id, status}`."""
+        record = await self.jobs.read(endpoint_id, job_id) or seen
+        if record is not None and is_terminal(record.status):
+            return json_response(await self.jobs.view(record))
+        status = record.status if record is not None else "IN_QUEUE"
+        return json_response(encoder.encode(JobRef(id=job_id, status=status)))
+
+
+def _unknown_job(job_id: str) -> ApiError:
+    return ApiError(404, f"job {job_id!r} not found")

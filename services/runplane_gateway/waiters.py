@@ -1,0 +1,66 @@
+"""Waiting for a job to finish: what /runsync does between queueing a job and answering.
+
+The waiter subscribes to the job's core events subject before the job is published,
+so no status change can slip by between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from runplane_proto import subjects
+from runplane_proto.codec import Codec, DecodeError
+from runplane_proto.jobs import JobChanged, JobEvent, JobRecord, is_terminal
+from runplane_gateway import metrics
+
+log = structlog.get_logger("runplane.gateway.waiters")
+
+_event_codec: Codec[JobEvent] = Codec(JobEvent)
+
+
+class JobWaiter:
+    """`async with JobWaiter(nc, job_id) as w: ...publish...; record = await w.wait(s)`."""
+
+    def __init__(self, nc: Client, job_id: str) -> None:
+        self.nc = nc
+        self.subject = subjects.job_events(job_id)
+        self.latest: JobRecord | None = None
+        self._done: asyncio.Future[JobRecord] = asyncio.get_running_loop().create_future()
+        self._sub: Subscription | None = None
+
+    async def __aenter__(self) -> JobWaiter:
+        self._sub = await self.nc.subscribe(self.subject, cb=self._on_event)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # connection closing: the subscription goes with it
+                pass
+
+    async def wait(self, timeout_s: float) -> JobRecord | None:
+        """The terminal record, or None when `timeout_s` runs out first."""
+        if not self._done.done():
+            await asyncio.wait((self._done,), timeout=timeout_s)
+        return self._done.result() if self._done.done() else None
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event = _event_codec.decode(msg.data)
+        except DecodeError as exc:
+            metrics.DROPPED.labels("job events").inc()
+            log.warning("dropped undecodable event", subject=msg.subject, error=str(exc))
+            return
+        if isinstance(event, JobChanged):
+            record = event.record
+            # A late or duplicate event must not move the view backwards.
+            if self.latest is None or not is_terminal(self.latest.status):
+                self.latest = record
+            if is_terminal(record.status) and not self._done.done():
+                self._done.set_result(record)

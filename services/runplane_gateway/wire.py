@@ -1,0 +1,159 @@
+"""RunPod's HTTP JSON shapes, as msgspec Structs (separate from the bus types in proto/).
+
+Inputs and outputs stay raw JSON bytes (`msgspec.Raw`): they are spliced into a body,
+never decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Raw, UnsetType
+
+DAY_MS = 86_400_000
+WEEK_MS = 7 * DAY_MS
+
+ExecutionTimeoutMs = Annotated[int, msgspec.Meta(ge=5_000, le=WEEK_MS)]
+TtlMs = Annotated[int, msgspec.Meta(ge=10_000, le=WEEK_MS)]
+DEFAULT_TTL_MS = DAY_MS
+
+# -- client API (/v2) ------------------------------------------------------------------------
+
+
+class SubmitPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`policy` of a /run or /runsync body (RunPod's names, milliseconds)."""
+
+    executionTimeout: ExecutionTimeoutMs | None = None
+    ttl: TtlMs | None = None
+    lowPriority: bool = False
+
+
+class JobView(msgspec.Struct, frozen=True):
+    """The job object: /status, a finished /runsync, the webhook body. Unset keys are left out."""
+
+    id: str
+    status: str
+    delayTime: int | UnsetType = UNSET
+    executionTime: int | UnsetType = UNSET
+    output: Raw | UnsetType = UNSET
+    error: str | UnsetType = UNSET
+    workerId: str | UnsetType = UNSET
+    retries: int | UnsetType = UNSET
+
+
+class JobRef(msgspec.Struct, frozen=True):
+    """`{"id", "status"}`: /run, a /runsync whose wait ran out, /cancel, /retry."""
+
+    id: str
+    status: str
+
+
+class StreamView(msgspec.Struct, frozen=True):
+    id: str
+    status: str
+    stream: list[Raw]
+
+
+class PurgeView(msgspec.Struct, frozen=True):
+    removed: int
+    status: str = "completed"
+
+
+class JobCounts(msgspec.Struct):
+    completed: int = 0
+    failed: int = 0
+    inProgress: int = 0
+    inQueue: int = 0
+    retried: int = 0
+
+
+class WorkerCounts(msgspec.Struct):
+    idle: int = 0
+    running: int = 0
+    initializing: int = 0
+
+
+class HealthView(msgspec.Struct):
+    jobs: JobCounts
+    workers: WorkerCounts
+
+
+# -- management API (/v1) --------------------------------------------------------------------
+
+ScalerType = Literal["QUEUE_DELAY", "REQUEST_COUNT"]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+WorkerCount = Annotated[int, msgspec.Meta(ge=0, le=10_000)]
+IdleTimeoutS = Annotated[int, msgspec.Meta(ge=1, le=3600)]
+ScalerValue = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+GpuCount = Annotated[int, msgspec.Meta(ge=0, le=64)]
+
+
+class EndpointCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    imageName: str | None = None
+    command: list[str] = []
+    env: dict[str, str] = {}
+    workersMin: WorkerCount = 0
+    workersMax: WorkerCount = 3
+    idleTimeout: IdleTimeoutS = 5
+    scalerType: ScalerType = "QUEUE_DELAY"
+    scalerValue: ScalerValue = 4
+    flashboot: bool = True
+    gpuCount: GpuCount = 0
+    gpuTypeIds: list[str] = []
+    executionTimeoutMs: ExecutionTimeoutMs = 600_000
+
+
+class EndpointPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """PATCH body: only the fields given change."""
+
+    name: Name | UnsetType = UNSET
+    imageName: str | None | UnsetType = UNSET
+    command: list[str] | UnsetType = UNSET
+    env: dict[str, str] | UnsetType = UNSET
+    workersMin: WorkerCount | UnsetType = UNSET
+    workersMax: WorkerCount | UnsetType = UNSET
+    idleTimeout: IdleTimeoutS | UnsetType = UNSET
+    scalerType: ScalerType | UnsetType = UNSET
+    scalerValue: ScalerValue | UnsetType = UNSET
+    flashboot: bool | UnsetType = UNSET
+    gpuCount: GpuCount | UnsetType = UNSET
+    gpuTypeIds: list[str] | UnsetType = UNSET
+    executionTimeoutMs: ExecutionTimeoutMs | UnsetType = UNSET
+
+
+ENDPOINT_FIELDS: frozenset[str] = frozenset(EndpointCreate.__struct_fields__)
+
+
+class EndpointView(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    imageName: str | None
+    command: list[str]
+    env: dict[str, str]
+    workersMin: int
+    workersMax: int
+    idleTimeout: int
+    scalerType: str
+    scalerValue: int
+    flashboot: bool
+    gpuCount: int
+    gpuTypeIds: list[str]
+    executionTimeoutMs: int
+    createdAtMs: int
+    updatedAtMs: int
+
+
+class Deleted(msgspec.Struct, frozen=True):
+    id: str
+    deleted: bool = True
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    error: str
+
+
+encoder = msgspec.json.Encoder()
+# The top level of a body, each value kept as raw JSON; unknown keys are looked at, not lost.
+body_decoder = msgspec.json.Decoder(dict[str, Raw])

@@ -1,0 +1,1 @@
+"""The scheduler: places workers on nodes (pure `place()` + a thin loop) and runs the job janitor."""

@@ -1,0 +1,3 @@
+from runplane_scheduler.main import main
+
+main()

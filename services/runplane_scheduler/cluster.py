@@ -1,0 +1,113 @@
+"""The scheduler's view of the cluster: a snapshot for `place()`, and the starts and stops
+it sent that the nodes have not reported yet. Pure: time is passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import msgspec
+
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.nodes import NodeStatus
+from runplane_proto.scaling import ScaleTarget
+
+
+class PendingStart(msgspec.Struct, frozen=True, kw_only=True):
+    """A StartWorker sent to a node that the node has not reported in its status yet."""
+
+    worker_id: str
+    endpoint_id: str
+    node_id: str
+    gpu_uuids: list[str] = []
+    sent_at_ms: int = 0
+
+
+class PendingStop(msgspec.Struct, frozen=True, kw_only=True):
+    """A StopWorker a node accepted while its status still lists the worker as running."""
+
+    worker_id: str
+    endpoint_id: str
+    node_id: str
+    sent_at_ms: int = 0
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything placement looks at, read at one moment."""
+
+    now_ms: int
+    # Alive nodes only (fresh heartbeat), by node id.
+    nodes: dict[str, NodeStatus] = {}
+    endpoints: dict[str, EndpointSpec] = {}
+    targets: dict[str, ScaleTarget] = {}
+    pending_starts: list[PendingStart] = []
+    pending_stops: list[PendingStop] = []
+    # Nodes to leave alone for now (a command to them just failed), with the reason.
+    backoff: dict[str, str] = {}
+
+
+def split_nodes(nodes: Iterable[NodeStatus], now_ms: int, loss_timeout_ms: int
+                ) -> tuple[dict[str, NodeStatus], list[NodeStatus]]:
+    """(alive nodes by id, lost nodes): a node is lost when its heartbeat is older than the timeout."""
+    alive: dict[str, NodeStatus] = {}
+    lost: list[NodeStatus] = []
+    for node in nodes:
+        if now_ms - node.heartbeat_at_ms > loss_timeout_ms:
+            lost.append(node)
+        else:
+            alive[node.node_id] = node
+    return alive, lost
+
+
+class Pending:
+    """Commands in flight: remembered from the moment they are sent until a node's status
+    shows their effect, they fail, or `timeout_ms` passes. Also nodes in back-off."""
+
+    def __init__(self, *, timeout_ms: int, backoff_ms: int) -> None:
+        self.timeout_ms = timeout_ms
+        self.backoff_ms = backoff_ms
+        self.starts: dict[str, PendingStart] = {}
+        self.stops: dict[str, PendingStop] = {}
+        self._backoff: dict[str, tuple[int, str]] = {}
+
+    def start_sent(self, start: PendingStart) -> None:
+        self.starts[start.worker_id] = start
+
+    def stop_sent(self, stop: PendingStop) -> None:
+        self.stops[stop.worker_id] = stop
+
+    def failed(self, worker_id: str, node_id: str, reason: str, now_ms: int, *, node_fault: bool) -> None:
+        """A command was refused or not answered: forget it; back off from the node if it is at fault."""
+        self.starts.pop(worker_id, None)
+        self.stops.pop(worker_id, None)
+        if node_fault:
+            self._backoff[node_id] = (now_ms + self.backoff_ms, reason)
+
+    def backoff(self, now_ms: int) -> dict[str, str]:
+        self._backoff = {n: v for n, v in self._backoff.items() if v[0] > now_ms}
+        return {n: reason for n, (_, reason) in self._backoff.items()}
+
+    def reconcile(self, alive: Mapping[str, NodeStatus], now_ms: int) -> list[PendingStart]:
+        """Forget what the nodes now report (or what can no longer happen); return the starts
+        that timed out without the node ever reporting the worker."""
+        reported = {w.worker_id: (node.node_id, w.state) for node in alive.values() for w in node.workers}
+        expired: list[PendingStart] = []
+        for worker_id, start in list(self.starts.items()):
+            if worker_id in reported or start.node_id not in alive:
+                del self.starts[worker_id]
+            elif now_ms - start.sent_at_ms > self.timeout_ms:
+                del self.starts[worker_id]
+                expired.append(start)
+        for worker_id, stop in list(self.stops.items()):
+            where = reported.get(worker_id)
+            if where is None or where[1] == "stopping" or now_ms - stop.sent_at_ms > self.timeout_ms:
+                del self.stops[worker_id]
+        return expired
+
+    def snapshot(self, now_ms: int, *, nodes: dict[str, NodeStatus], endpoints: dict[str, EndpointSpec],
+                 targets: dict[str, ScaleTarget]) -> Snapshot:
+        return Snapshot(
+            now_ms=now_ms, nodes=nodes, endpoints=endpoints, targets=targets,
+            pending_starts=sorted(self.starts.values(), key=lambda p: p.worker_id),
+            pending_stops=sorted(self.stops.values(), key=lambda p: p.worker_id),
+            backoff=self.backoff(now_ms),
+        )

@@ -1,0 +1,128 @@
+"""The janitor: time out queued jobs past their TTL, delete records past their retention.
+
+The rules are pure (`janitor_rules`); this module only reads the records and applies
+the effects, each one idempotent and guarded by compare-and-set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from nats.js.errors import APIError
+from nats.js.kv import KeyValue
+
+from runplane_bus import Bus
+from runplane_proto import subjects
+from runplane_proto.jobs import CancelJob, JobChanged, JobRecord, WebhookDue
+from runplane_scheduler.janitor_rules import Retention, payload_refs, retention_over, sweep, timed_out
+from runplane_scheduler.metrics import ERRORS, JANITOR_DELETED, JANITOR_EXPIRED, JANITOR_SWEEPS
+from runplane_service.clock import Clock
+
+log = structlog.get_logger("runplane.scheduler.janitor")
+
+
+async def delete_at_revision(kv: KeyValue, key: str, revision: int) -> bool:
+    """Delete `key` only if it is still at `revision`; False if someone wrote it meanwhile."""
+    try:
+        await kv.delete(key, last=revision)
+    except APIError as exc:
+        if exc.err_code in (10071, 10164):  # wrong last sequence
+            return False
+        raise
+    return True
+
+
+class Janitor:
+    def __init__(self, bus: Bus, retention: Retention, *, interval_s: float = 5.0,
+                 purge_deletes_every_s: float = 600.0, clock: Clock | None = None) -> None:
+        self.bus = bus
+        self.retention = retention
+        self.interval_s = interval_s
+        self.purge_deletes_every_s = purge_deletes_every_s
+        self.clock = clock or Clock()
+        self._last_purge = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("janitor running", interval_s=self.interval_s)
+        while not stop.is_set():
+            try:
+                await self.sweep_once()
+            except Exception as exc:
+                ERRORS.labels(step="janitor sweep").inc()
+                log.warning("janitor sweep failed", error=repr(exc))
+            if time.monotonic() - self._last_purge >= self.purge_deletes_every_s:
+                self._last_purge = time.monotonic()
+                try:
+                    # Deleted records leave a marker each; drop the old ones so the bucket stays small.
+                    await self.bus.jobs.kv.purge_deletes(olderthan=int(self.purge_deletes_every_s))
+                except Exception as exc:
+                    ERRORS.labels(step="janitor purge deletes").inc()
+                    log.warning("purging delete markers failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+
+    async def sweep_once(self) -> tuple[int, int]:
+        """One pass; returns (jobs timed out, records deleted) by this pass."""
+        now_ms = self.clock.now_ms()
+        records = [(key, record) async for key, record in self.bus.jobs.items()]
+        plan = sweep(records, now_ms, self.retention)
+        JANITOR_SWEEPS.inc()
+        expired = deleted = 0
+        for key in plan.expire:
+            try:
+                expired += await self.expire(key, now_ms)
+            except Exception as exc:
+                ERRORS.labels(step="janitor expire").inc()
+                log.warning("could not time out job", key=key, error=repr(exc))
+        for key in plan.delete:
+            try:
+                deleted += await self.delete(key, now_ms)
+            except Exception as exc:
+                ERRORS.labels(step="janitor delete").inc()
+                log.warning("could not delete job record", key=key, error=repr(exc))
+        return expired, deleted
+
+    async def expire(self, key: str, now_ms: int) -> bool:
+        """IN_QUEUE → TIMED_OUT (CAS), then tell whoever waits: events, webhook, cancel."""
+        ours: list[JobRecord] = []
+
+        def change(record: JobRecord) -> JobRecord | None:
+            new = timed_out(record, now_ms)
+            ours[:] = [new] if new is not None else []
+            return new
+
+        result = await self.bus.jobs.modify(key, change)
+        if result is None or not ours or result.value is not ours[0]:
+            return False  # gone, taken, or changed by someone else meanwhile
+        record = result.value
+        JANITOR_EXPIRED.inc()
+        log.info("job timed out in queue", job_id=record.id, endpoint_id=record.endpoint_id,
+                 ttl_ms=record.policy.ttl_ms)
+        await self.bus.publish(subjects.job_events(record.id), JobChanged(record=record))
+        if record.webhook:
+            await self.bus.publish_durable(subjects.webhook_due(record.endpoint_id),
+                                           WebhookDue(job_id=record.id, endpoint_id=record.endpoint_id),
+                                           msg_id=f"{record.id}:{record.retries}")
+        await self.bus.publish(subjects.job_cancel(record.endpoint_id), CancelJob(
+            job_id=record.id, endpoint_id=record.endpoint_id, reason="ttl expired"))
+        return True
+
+    async def delete(self, key: str, now_ms: int) -> bool:
+        """Delete a record past its retention (CAS, so a record retried meanwhile stays),
+        then its payload objects and stream chunks."""
+        current = await self.bus.jobs.get(key)
+        if current is None or not retention_over(current.value, now_ms, self.retention):
+            return False
+        if not await delete_at_revision(self.bus.jobs.kv, key, current.revision):
+            return False
+        record = current.value
+        for ref in payload_refs(record):
+            await self.bus.payloads.delete(ref)
+        if record.chunks:
+            await self.bus.js.purge_stream(subjects.STREAM_CHUNKS, subject=subjects.job_chunks(record.id))
+        JANITOR_DELETED.inc()
+        log.debug("job record deleted", job_id=record.id, endpoint_id=record.endpoint_id)
+        return True

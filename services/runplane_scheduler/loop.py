@@ -1,0 +1,187 @@
+"""The scheduler's placement loop: read the cluster → `place()` → send the commands.
+
+Thin and never dying: each step catches, logs, counts and the loop goes on. Commands
+are sent in the background and remembered as pending until a node's status shows
+their effect, so a slow node never holds up the others and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+
+from runplane_bus import Bus
+from runplane_proto import subjects
+from runplane_proto.codec import Codec
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.ids import new_worker_id
+from runplane_proto.nodes import CommandReply, NodeStatus, StartWorker
+from runplane_proto.scaling import ScaleTarget
+from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, split_nodes
+from runplane_scheduler.janitor import delete_at_revision
+from runplane_scheduler.metrics import (COMMANDS, ERRORS, NODES_ALIVE, NODES_LOST, PENDING_STARTS,
+                                        START_TIMEOUTS, TICK_SECONDS, TICKS, UNPLACED)
+from runplane_scheduler.placement import Command, Plan, Unplaced, place
+from runplane_scheduler.settings import SchedulerSettings
+from runplane_service.clock import Clock
+
+T = TypeVar("T")
+log = structlog.get_logger("runplane.scheduler")
+REPLY = Codec(CommandReply)
+
+
+class Scheduler:
+    def __init__(self, bus: Bus, settings: SchedulerSettings, clock: Clock | None = None,
+                 new_id: Callable[[], str] = new_worker_id) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.new_id = new_id
+        self.pending = Pending(timeout_ms=int(settings.start_timeout_s * 1000),
+                               backoff_ms=int(settings.node_backoff_s * 1000))
+        self._loss_ms = int(settings.node_loss_timeout_s * 1000)
+        self._sending: set[asyncio.Task[None]] = set()
+        self._unplaced: dict[str, str] = {}  # endpoint → the reason last logged
+        self.ticks = 0  # rounds started (tests wait on it)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("scheduler running", interval_s=self.settings.schedule_interval_s)
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await self.tick()
+                except Exception:  # every step catches; this is the last line of defence
+                    ERRORS.labels(step="tick").inc()
+                    log.exception("scheduler tick failed")
+                elapsed = time.monotonic() - started
+                TICK_SECONDS.observe(elapsed)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(0.0, self.settings.schedule_interval_s - elapsed))
+        finally:
+            for task in list(self._sending):
+                task.cancel()
+
+    async def tick(self) -> Plan | None:
+        """One round; returns the plan it acted on (None when the cluster could not be read)."""
+        TICKS.inc()
+        self.ticks += 1
+        now_ms = self.clock.now_ms()
+        ok, world = await self._step("read", self._read)
+        if not ok:
+            return None
+        nodes, endpoints, targets = world
+        alive, lost = split_nodes(nodes, now_ms, self._loss_ms)
+        NODES_ALIVE.set(len(alive))
+        for node in lost:
+            await self._step("forget lost node", lambda n=node.node_id: self._forget_node(n))
+        for start in self.pending.reconcile(alive, now_ms):
+            START_TIMEOUTS.inc()
+            log.warning("node never reported a started worker; replacing it", worker_id=start.worker_id,
+                        endpoint_id=start.endpoint_id, node_id=start.node_id)
+        snapshot = self.pending.snapshot(now_ms, nodes=alive, endpoints=endpoints, targets=targets)
+        try:
+            plan = place(snapshot, now_ms, self.new_id, workers_per_cpu=self.settings.workers_per_cpu)
+        except Exception:
+            ERRORS.labels(step="place").inc()
+            log.exception("placement failed")
+            return None
+        self._report(plan.unplaced)
+        for command in plan.commands:
+            self._send(command, now_ms)
+        PENDING_STARTS.set(len(self.pending.starts))
+        return plan
+
+    async def _step(self, name: str, action: Callable[[], Awaitable[T]]) -> tuple[bool, Any]:
+        """Run one step: (True, its result), or on failure log, count and (False, None)."""
+        try:
+            return True, await action()
+        except Exception as exc:
+            ERRORS.labels(step=name).inc()
+            log.warning("scheduler step failed", step=name, error=repr(exc))
+            return False, None
+
+    async def _read(self) -> tuple[list[NodeStatus], dict[str, EndpointSpec], dict[str, ScaleTarget]]:
+        async def nodes() -> list[NodeStatus]:
+            return [status async for _, status in self.bus.nodes.items()]
+
+        async def endpoints() -> dict[str, EndpointSpec]:
+            return {spec.id: spec async for _, spec in self.bus.endpoints.items()}
+
+        async def targets() -> dict[str, ScaleTarget]:
+            return {t.endpoint_id: t async for _, t in self.bus.scale.items()}
+
+        return await asyncio.gather(nodes(), endpoints(), targets())
+
+    async def _forget_node(self, node_id: str) -> None:
+        """Delete a lost node's status (unless it heartbeated meanwhile) so nobody counts its workers."""
+        key = subjects.node_key(node_id)
+        current = await self.bus.nodes.get(key)
+        if current is None or self.clock.now_ms() - current.value.heartbeat_at_ms <= self._loss_ms:
+            return
+        if await delete_at_revision(self.bus.nodes.kv, key, current.revision):
+            NODES_LOST.inc()
+            log.warning("node lost: no heartbeat; its workers will be replaced", node_id=node_id,
+                        last_heartbeat_ms_ago=self.clock.now_ms() - current.value.heartbeat_at_ms,
+                        workers=[w.worker_id for w in current.value.workers])
+
+    def _report(self, unplaced: list[Unplaced]) -> None:
+        """Say (once per change) why an endpoint's workers stay pending."""
+        now_unplaced = {u.endpoint_id: u for u in unplaced}
+        for endpoint_id, u in now_unplaced.items():
+            UNPLACED.labels(endpoint=endpoint_id).set(u.missing)
+            if self._unplaced.get(endpoint_id) != u.reason:
+                log.warning("workers stay pending: no node fits", endpoint_id=endpoint_id, missing=u.missing,
+                            reason=u.reason)
+        for endpoint_id in set(self._unplaced) - set(now_unplaced):
+            with contextlib.suppress(KeyError):
+                UNPLACED.remove(endpoint_id)
+            log.info("pending workers placed", endpoint_id=endpoint_id)
+        self._unplaced = {ep: u.reason for ep, u in now_unplaced.items()}
+
+    def _send(self, command: Command, now_ms: int) -> None:
+        message = command.message
+        if isinstance(message, StartWorker):
+            self.pending.start_sent(PendingStart(
+                worker_id=message.worker_id, endpoint_id=message.spec.id, node_id=command.node_id,
+                gpu_uuids=message.gpu_uuids, sent_at_ms=now_ms))
+        else:
+            self.pending.stop_sent(PendingStop(worker_id=message.worker_id, endpoint_id=command.endpoint_id,
+                                               node_id=command.node_id, sent_at_ms=now_ms))
+        task = asyncio.ensure_future(self._deliver(command))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _deliver(self, command: Command) -> None:
+        message = command.message
+        starting = isinstance(message, StartWorker)
+        kind = "start" if starting else "stop"
+        fields: dict[str, Any] = {"worker_id": message.worker_id, "node_id": command.node_id,
+                                  "endpoint_id": command.endpoint_id}
+        if isinstance(message, StartWorker):
+            fields.update(gpu_uuids=message.gpu_uuids)
+        else:
+            fields.update(reason=message.reason)
+        try:
+            reply = await self.bus.request(subjects.node_cmd(command.node_id), message, REPLY,
+                                           timeout_s=self.settings.command_timeout_s)
+        except Exception as exc:  # no responders, timeout, undecodable reply
+            self.pending.failed(message.worker_id, command.node_id, f"{kind} failed: {exc!r}",
+                                self.clock.now_ms(), node_fault=True)
+            COMMANDS.labels(command=kind, result="error").inc()
+            log.warning("node did not answer a command", command=kind, error=repr(exc), **fields)
+            return
+        if reply.ok:
+            COMMANDS.labels(command=kind, result="ok").inc()
+            log.info("worker starting" if starting else "worker stopping", **fields)
+        else:
+            # A refused start is the node's problem (back off); a refused stop means the worker got busy.
+            self.pending.failed(message.worker_id, command.node_id, f"{kind} refused: {reply.error}",
+                                self.clock.now_ms(), node_fault=starting)
+            COMMANDS.labels(command=kind, result="refused").inc()
+            log.warning("node refused a command", command=kind, error=reply.error, **fields)

@@ -1,0 +1,283 @@
+"""Placement: which node runs which worker, as a pure function of a cluster snapshot.
+
+`place(snapshot, now_ms, new_worker_id)` compares each endpoint's desired worker count
+with the workers the alive nodes report (plus starts in flight) and returns commands:
+`StartWorker` for missing workers, `StopWorker` for surplus idle ones. Each missing
+worker goes through named stages:
+
+* **feasible**: nodes that can take it: not draining, not in back-off; a CPU endpoint
+  needs a free worker slot (`cpu_count × workers_per_cpu` per node, every worker on the
+  node takes one); a GPU endpoint (`gpu_count > 0`) needs that many free GPUs of one
+  type from `gpu_type_ids` (ordered preference; empty = any type), GPUs held by any
+  worker or start in flight are never handed out twice;
+* **score**: preferred GPU type first, then bin-packing: partly used nodes before empty
+  ones, the tightest fit first (CPU workers also keep off GPU nodes when they can);
+* **select**: the best score, ties broken by node id, so the same snapshot and the same
+  ids always give the same plan.
+
+Endpoints take turns, one worker each per round, so one endpoint cannot starve the
+others of the last free GPU. When nothing fits, the plan says why (`Plan.unplaced`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.ids import new_worker_id
+from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
+from runplane_proto.scaling import ScaleTarget
+from runplane_scheduler.cluster import Snapshot
+
+DEFAULT_WORKERS_PER_CPU = 4.0
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    """A command for one node."""
+
+    node_id: str
+    endpoint_id: str
+    message: StartWorker | StopWorker
+
+
+class Unplaced(msgspec.Struct, frozen=True, kw_only=True):
+    """Workers an endpoint wants that no node can take now, and why."""
+
+    endpoint_id: str
+    missing: int
+    reason: str
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    commands: list[Command] = []
+    unplaced: list[Unplaced] = []
+
+
+def desired_workers(spec: EndpointSpec, target: ScaleTarget | None) -> int:
+    """The autoscaler's target if there is one, else workersMin, within [workersMin, workersMax]."""
+    low = max(0, spec.workers_min)
+    high = max(low, spec.workers_max)
+    want = low if target is None else target.desired_workers
+    return min(high, max(low, want))
+
+
+# -- the ledger: what each alive node holds, updated as the plan assigns workers ------------------
+
+
+@dataclass
+class NodeUse:
+    node: NodeStatus
+    used_gpus: set[str] = field(default_factory=set)
+    # Workers in any state, starts in flight and starts planned: each takes a worker slot.
+    workers: int = 0
+
+    def slots(self, workers_per_cpu: float) -> int:
+        return max(1, math.floor(self.node.cpu_count * workers_per_cpu))
+
+
+@dataclass(frozen=True)
+class Live:
+    """A worker that counts towards its endpoint: reported (and not stopping) or starting."""
+
+    worker_id: str
+    node_id: str
+    info: WorkerInfo | None  # None for a start in flight
+
+
+def ledger(snapshot: Snapshot) -> dict[str, NodeUse]:
+    use = {node_id: NodeUse(node) for node_id, node in snapshot.nodes.items()}
+    for u in use.values():
+        for worker in u.node.workers:
+            u.workers += 1
+            u.used_gpus.update(worker.gpu_uuids)  # a stopping worker still holds its GPUs
+    reported = {w.worker_id for n in snapshot.nodes.values() for w in n.workers}
+    for start in snapshot.pending_starts:
+        if start.node_id in use and start.worker_id not in reported:
+            use[start.node_id].workers += 1
+            use[start.node_id].used_gpus.update(start.gpu_uuids)
+    return use
+
+
+def live_workers(snapshot: Snapshot) -> dict[str, list[Live]]:
+    """Per endpoint, the workers that count: reported on alive nodes, not stopping and not
+    being stopped by us, plus starts in flight."""
+    stopping = {p.worker_id for p in snapshot.pending_stops}
+    seen: set[str] = set()
+    live: dict[str, list[Live]] = {}
+    for node_id in sorted(snapshot.nodes):
+        for worker in snapshot.nodes[node_id].workers:
+            if worker.state == "stopping" or worker.worker_id in stopping or worker.worker_id in seen:
+                continue
+            seen.add(worker.worker_id)
+            live.setdefault(worker.endpoint_id, []).append(Live(worker.worker_id, node_id, worker))
+    for start in snapshot.pending_starts:
+        if start.node_id in snapshot.nodes and start.worker_id not in seen:
+            seen.add(start.worker_id)
+            live.setdefault(start.endpoint_id, []).append(Live(start.worker_id, start.node_id, None))
+    return live
+
+
+# -- stage 1: feasible ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    node_id: str
+    gpu_uuids: tuple[str, ...]
+    type_rank: int
+    free_after: int
+
+
+def _tokens(name: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
+def _norm(name: str) -> str:
+    return " ".join(_tokens(name))
+
+
+def gpu_matches(type_id: str, gpu_name: str) -> bool:
+    """A GPU type id names a GPU when its words appear in the GPU's name, in order and
+    whole (`H100` and `NVIDIA H100 80GB HBM3` match; `A10` and `NVIDIA A100` do not),
+    ignoring case and punctuation."""
+    wanted, name = _tokens(type_id), _tokens(gpu_name)
+    return bool(wanted) and any(name[i:i + len(wanted)] == wanted for i in range(len(name) - len(wanted) + 1))
+
+
+def _pick_gpus(spec: EndpointSpec, free: list[GpuInfo]) -> tuple[int, tuple[str, ...]] | None:
+    """(preference rank, GPU uuids) for one worker from `free`, or None."""
+    need = spec.gpu_count
+    if spec.gpu_type_ids:
+        for rank, type_id in enumerate(spec.gpu_type_ids):
+            matching = [g for g in free if gpu_matches(type_id, g.name)]
+            if len(matching) >= need:
+                return rank, tuple(g.uuid for g in matching[:need])
+        return None
+    # Any type, but one type per worker: the fullest group that still fits (best fit).
+    groups: dict[str, list[GpuInfo]] = {}
+    for g in free:
+        groups.setdefault(_norm(g.name), []).append(g)
+    fitting = sorted((len(gs), name) for name, gs in groups.items() if len(gs) >= need)
+    if not fitting:
+        return None
+    return 0, tuple(g.uuid for g in groups[fitting[0][1]][:need])
+
+
+def feasible(spec: EndpointSpec, use: NodeUse, *, workers_per_cpu: float,
+             backoff_reason: str | None) -> Option | str:
+    """An option for one worker of `spec` on this node, or the reason it does not fit."""
+    node = use.node
+    if node.draining:
+        return "draining"
+    if backoff_reason is not None:
+        return f"backing off ({backoff_reason})"
+    if spec.gpu_count <= 0:
+        slots = use.slots(workers_per_cpu)
+        if use.workers >= slots:
+            return f"all {slots} worker slots used"
+        return Option(node.node_id, (), 0, slots - use.workers - 1)
+    if not node.gpus:
+        return "no GPUs"
+    free = sorted((g for g in node.gpus if g.uuid not in use.used_gpus), key=lambda g: (g.index, g.uuid))
+    picked = _pick_gpus(spec, free)
+    if picked is None:
+        kinds = ", ".join(sorted({g.name for g in free})) or "none"
+        return f"{len(free)} of {len(node.gpus)} GPUs free ({kinds})"
+    rank, uuids = picked
+    return Option(node.node_id, uuids, rank, len(free) - len(uuids))
+
+
+# -- stage 2: score; stage 3: select -----------------------------------------------------------------
+
+
+def score(spec: EndpointSpec, option: Option, use: NodeUse) -> tuple[int, int, int, int, str]:
+    """Lower is better: GPU preference, CPU work off GPU nodes, partly used first, tightest fit."""
+    keep_off_gpus = 1 if spec.gpu_count <= 0 and use.node.gpus else 0
+    empty = 0 if use.workers > 0 else 1
+    return (option.type_rank, keep_off_gpus, empty, option.free_after, option.node_id)
+
+
+def select(spec: EndpointSpec, use: dict[str, NodeUse], *, workers_per_cpu: float,
+           backoff: dict[str, str]) -> Option | str:
+    """The best node for one more worker of `spec`, or why none fits."""
+    if not use:
+        return "no alive nodes"
+    options: list[tuple[tuple[int, int, int, int, str], Option]] = []
+    rejected: list[str] = []
+    for node_id in sorted(use):
+        found = feasible(spec, use[node_id], workers_per_cpu=workers_per_cpu,
+                         backoff_reason=backoff.get(node_id))
+        if isinstance(found, Option):
+            options.append((score(spec, found, use[node_id]), found))
+        else:
+            rejected.append(f"{node_id}: {found}")
+    if not options:
+        need = (f"{spec.gpu_count} free GPU(s) of {spec.gpu_type_ids or 'any type'}"
+                if spec.gpu_count > 0 else "a free worker slot")
+        return f"no node has {need}: " + "; ".join(rejected)
+    return min(options, key=lambda o: o[0])[1]
+
+
+def _assign(use: NodeUse, option: Option) -> None:
+    use.workers += 1
+    use.used_gpus.update(option.gpu_uuids)
+
+
+# -- the plan ------------------------------------------------------------------------------------------
+
+
+def _idle_first(workers: list[Live]) -> list[Live]:
+    """Stoppable workers (idle, holding no job), longest idle first."""
+    idle = [w for w in workers if w.info is not None and w.info.state == "idle" and not w.info.jobs]
+    return sorted(idle, key=lambda w: (w.info.idle_since_ms or w.info.started_at_ms, w.worker_id))  # type: ignore[union-attr]
+
+
+def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worker_id, *,
+          workers_per_cpu: float = DEFAULT_WORKERS_PER_CPU) -> Plan:
+    """Commands that move the cluster towards each endpoint's desired worker count.
+
+    `new_id` names new workers (pass a counter in tests); `now_ms` is the decision's time,
+    part of the signature for time-aware stages (no stage needs it yet)."""
+    use = ledger(snapshot)
+    live = live_workers(snapshot)
+    commands: list[Command] = []
+    unplaced: list[Unplaced] = []
+    missing: dict[str, int] = {}
+
+    for endpoint_id in sorted(set(live) | set(snapshot.endpoints)):
+        workers = live.get(endpoint_id, [])
+        spec = snapshot.endpoints.get(endpoint_id)
+        if spec is None:  # endpoint deleted: its idle workers go
+            surplus, why = len(workers), "endpoint deleted"
+        else:
+            want = desired_workers(spec, snapshot.targets.get(endpoint_id))
+            surplus, why = len(workers) - want, f"surplus: {len(workers)} workers, {want} wanted"
+            if surplus < 0:
+                missing[endpoint_id] = -surplus
+        for victim in _idle_first(workers)[:max(0, surplus)]:
+            commands.append(Command(node_id=victim.node_id, endpoint_id=endpoint_id,
+                                    message=StopWorker(worker_id=victim.worker_id, reason=why)))
+
+    # Endpoints take turns so that scarce GPUs are shared rather than taken by the first one.
+    blocked: dict[str, str] = {}
+    while any(n > 0 for ep, n in missing.items() if ep not in blocked):
+        for endpoint_id in sorted(missing):
+            if missing[endpoint_id] <= 0 or endpoint_id in blocked:
+                continue
+            spec = snapshot.endpoints[endpoint_id]
+            chosen = select(spec, use, workers_per_cpu=workers_per_cpu, backoff=snapshot.backoff)
+            if isinstance(chosen, str):
+                blocked[endpoint_id] = chosen
+                continue
+            _assign(use[chosen.node_id], chosen)
+            missing[endpoint_id] -= 1
+            commands.append(Command(node_id=chosen.node_id, endpoint_id=endpoint_id, message=StartWorker(
+                worker_id=new_id(), spec=spec, gpu_uuids=list(chosen.gpu_uuids))))
+    for endpoint_id, reason in sorted(blocked.items()):
+        unplaced.append(Unplaced(endpoint_id=endpoint_id, missing=missing[endpoint_id], reason=reason))
+    return Plan(commands=commands, unplaced=unplaced)
