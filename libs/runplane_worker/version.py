@@ -1,0 +1,1 @@
+__version__ = "runplane-worker/0.1.0"

@@ -1,0 +1,1 @@
+"""The node agent: runs workers, hands them jobs from JetStream, records results."""

@@ -1,0 +1,3 @@
+from runplane_node_agent.main import main
+
+main()

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the node agent (`rp_node_agent_*`), served on /metrics."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOBS_TAKEN = Counter("rp_node_agent_jobs_taken_total", "Jobs handed to workers", ["endpoint"])
+JOBS_FINISHED = Counter("rp_node_agent_jobs_finished_total", "Jobs this agent made terminal or saw end",
+                        ["endpoint", "status"])
+JOBS_REQUEUED = Counter("rp_node_agent_jobs_requeued_total", "Jobs released back to the queue",
+                        ["endpoint", "reason"])
+JOBS_SKIPPED = Counter("rp_node_agent_jobs_skipped_total", "Queue messages acked without running",
+                       ["endpoint", "reason"])
+MESSAGES_NAKED = Counter("rp_node_agent_messages_naked_total",
+                         "Queue messages fetched with nobody left to take them")
+JOB_EXECUTION_SECONDS = Histogram(
+    "rp_node_agent_job_execution_seconds", "Time from hand-over to result", ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+STREAM_CHUNKS = Counter("rp_node_agent_stream_chunks_total", "Stream chunks stored", ["endpoint"])
+TAKE_POLLS_WAITING = Gauge("rp_node_agent_take_polls_waiting", "Worker take long-polls now waiting")
+JOBS_HELD = Gauge("rp_node_agent_jobs_held", "Jobs held by this agent's workers")
+WORKERS = Gauge("rp_node_agent_workers", "Workers on this node by state", ["state"])
+WORKER_STARTS = Counter("rp_node_agent_worker_starts_total", "Worker processes started", ["endpoint"])
+WORKER_EXITS = Counter("rp_node_agent_worker_exits_total", "Worker processes that ended", ["endpoint", "why"])
+WORKER_REQUESTS_REJECTED = Counter("rp_node_agent_worker_requests_rejected_total",
+                                   "Worker API calls refused", ["code"])
+COMMANDS = Counter("rp_node_agent_commands_total", "Node commands handled", ["command", "ok"])
+STATUS_WRITES = Counter("rp_node_agent_status_writes_total", "NodeStatus writes to KV")
+LOOP_ERRORS = Counter("rp_node_agent_loop_errors_total", "Errors caught in background loops", ["loop"])
+
+
+# Labelled children looked up once per endpoint, not on every job.
+@lru_cache(maxsize=4096)
+def taken(endpoint: str) -> Counter:
+    return JOBS_TAKEN.labels(endpoint=endpoint)
+
+
+@lru_cache(maxsize=16384)
+def finished(endpoint: str, status: str) -> Counter:
+    return JOBS_FINISHED.labels(endpoint=endpoint, status=status)
+
+
+@lru_cache(maxsize=4096)
+def execution(endpoint: str) -> Histogram:
+    return JOB_EXECUTION_SECONDS.labels(endpoint=endpoint)
+
+
+@lru_cache(maxsize=4096)
+def chunks(endpoint: str) -> Counter:
+    return STREAM_CHUNKS.labels(endpoint=endpoint)
