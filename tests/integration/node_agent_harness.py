@@ -83,6 +83,12 @@ async def stop_worker(bus: Bus, node_id: str, worker_id: str, only_if_idle: bool
                              REPLY)
 
 
+async def wait_worker_gone(bus: Bus, node_id: str, worker_id: str, timeout_s: float = 30) -> None:
+    async def gone():
+        return await worker_info(bus, node_id, worker_id) is None
+    await async_wait_until(gone, timeout_s=timeout_s, what=f"worker {worker_id} gone from node status")
+
+
 async def worker_info(bus: Bus, node_id: str, worker_id: str):
     status = await bus.nodes.get(s.node_key(node_id))
     if status is None:
@@ -90,10 +96,13 @@ async def worker_info(bus: Bus, node_id: str, worker_id: str):
     return next((w for w in status.value.workers if w.worker_id == worker_id), None)
 
 
-async def wait_worker_state(bus: Bus, node_id: str, worker_id: str, state: str, timeout_s: float = 30):
+async def wait_worker_state(bus: Bus, node_id: str, worker_id: str, state: str, timeout_s: float = 30,
+                            where=None):
     async def check():
         info = await worker_info(bus, node_id, worker_id)
-        return info if info is not None and info.state == state else None
+        if info is None or info.state != state:
+            return None
+        return info if where is None or where(info) else None
     return await async_wait_until(check, timeout_s=timeout_s, what=f"worker {worker_id} {state}")
 
 

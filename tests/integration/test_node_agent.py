@@ -22,8 +22,8 @@ from node_agent_harness import (
     stop_worker,
     submit,
     wait_record,
+    wait_worker_gone,
     wait_worker_state,
-    worker_info,
     worker_pid,
 )
 from runplane_proto import subjects as s
@@ -75,9 +75,11 @@ async def test_runpod_worker_completes_a_job(bus, agent, echo):
     status = (await bus.nodes.get(s.node_key(agent.settings.node_id))).value
     assert status.runtime == "process" and "pause" in status.capabilities and status.cpu_count >= 1
     assert status.gpus == [] and "gpu" not in status.capabilities
-    info = await wait_worker_state(bus, agent.settings.node_id, worker_id, "idle")
-    assert info.endpoint_id == ep and info.jobs == [] and info.idle_since_ms >= record.completed_at_ms
-    assert agent.supervisor.workers[worker_id].runpod_version == "1.12.0"
+    info = await wait_worker_state(bus, agent.settings.node_id, worker_id, "idle",
+                                   where=lambda i: i.idle_since_ms >= record.completed_at_ms)
+    assert info.endpoint_id == ep and info.jobs == []
+    await async_wait_until(lambda: _value(agent.supervisor.workers[worker_id].runpod_version == "1.12.0"),
+                           what="ping with the SDK version")
 
 
 async def test_raising_handler_fails_with_the_sdk_error_string(bus, echo):
@@ -178,7 +180,7 @@ async def test_worker_killed_mid_job_gets_its_job_redelivered(bus, agent):
     # Its exit is noticed at once: the record goes back to the queue...
     await wait_record(bus, ep, job_id, "IN_QUEUE", timeout_s=10)
     assert await async_wait_until(lambda: _value(worker_pid(victim) is None), what="process group gone")
-    assert await worker_info(bus, agent.settings.node_id, victim) is None
+    await wait_worker_gone(bus, agent.settings.node_id, victim)
     # ... and the next worker of the endpoint runs it.
     rescuer = await start_worker(bus, agent.settings.node_id, echo_spec(ep))
     record = await wait_record(bus, ep, job_id, timeout_s=30)
@@ -195,12 +197,10 @@ async def test_stop_worker_leaves_a_busy_worker_alone(bus, agent):
     await wait_record(bus, ep, job_id, "IN_PROGRESS")
     busy = await stop_worker(bus, node, worker_id)
     assert not busy.ok and busy.error == "worker is busy"
-    await wait_record(bus, ep, job_id, "COMPLETED")
-    await wait_worker_state(bus, node, worker_id, "idle")
+    done = await wait_record(bus, ep, job_id, "COMPLETED")
+    await wait_worker_state(bus, node, worker_id, "idle",
+                            where=lambda info: info.idle_since_ms >= done.completed_at_ms)
     pid = worker_pid(worker_id)
     assert (await stop_worker(bus, node, worker_id)).ok
     await async_wait_until(lambda: _value(not process_alive(pid)), timeout_s=15, what="worker process exit")
-
-    async def gone():
-        return await worker_info(bus, node, worker_id) is None
-    await async_wait_until(gone, what="worker removed from node status")
+    await wait_worker_gone(bus, node, worker_id)
