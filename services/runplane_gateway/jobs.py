@@ -188,7 +188,7 @@ class Jobs:
                 new, wrote = await self._change(key, purged)
                 if new is None or not wrote:
                     return 0
-                await self.announce(new)
+                await self.announce(new, cancel_reason="purged")
                 return 1
 
         removed = sum(await asyncio.gather(*(purge_one(k) for k in keys)))
