@@ -20,7 +20,8 @@ Main = Callable[[contextlib.AsyncExitStack, asyncio.Event], Awaitable[None]]
 async def serve_http(app: Any, host: str, port: int, stop: asyncio.Event) -> uvicorn.Server:
     """Start uvicorn inside the current loop; returns once it listens. It stops when `stop` is set."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off", loop="none", http="httptools", timeout_keep_alive=120)
+                            lifespan="off", loop="none", http="httptools", timeout_keep_alive=120,
+                            proxy_headers=False, server_header=False, date_header=False)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.ensure_future(server.serve())
