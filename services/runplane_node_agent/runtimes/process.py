@@ -1,6 +1,7 @@
 """The process runtime: each worker is a local subprocess in its own session.
 
-Workers die with the agent (PR_SET_PDEATHSIG), and everything a worker started is
+Each worker runs under a small group leader (group_leader.py) that dies with the agent
+(PR_SET_PDEATHSIG) and then kills the whole group; everything a worker started is
 killed with it (the whole process group), so no orphan keeps pinging a dead worker id.
 """
 
@@ -12,6 +13,8 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 from runplane_node_agent.runtimes.base import (
     Capability,
@@ -26,11 +29,15 @@ _PR_SET_PDEATHSIG = 1
 _LINE_LIMIT_BYTES = 1024 * 1024
 
 
+_GROUP_LEADER = str(Path(__file__).with_name("group_leader.py"))
+
+
 def _die_with_parent(parent_pid: int):
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:  # runs in the child between fork and exec
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # SIGTERM, not SIGKILL: the group leader then kills everything the worker started.
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent_pid:  # the agent died before prctl took effect
             os._exit(1)
 
@@ -96,6 +103,14 @@ class ProcessWorker(RunningWorker):
         self._signal_group(signal.SIGCONT)
 
 
+def _runnable(program: str, env: dict[str, str]) -> bool:
+    if "/" in program:
+        return os.access(program, os.X_OK)
+    import shutil
+
+    return shutil.which(program, path=env.get("PATH", os.defpath)) is not None
+
+
 class ProcessRuntime(Runtime):
     name = "process"
     capabilities = frozenset({Capability.PAUSE, Capability.GPU})
@@ -104,9 +119,12 @@ class ProcessRuntime(Runtime):
         if not launch.argv:
             raise RuntimeFailure("the endpoint has no command to run")
         loop = asyncio.get_running_loop()
+        if not _runnable(launch.argv[0], launch.env):
+            raise RuntimeFailure(f"cannot run {launch.argv[0]!r}: not found or not executable")
+        argv = [sys.executable, "-I", "-S", _GROUP_LEADER, str(os.getpid()), *launch.argv]
         try:
             transport, protocol = await loop.subprocess_exec(
-                lambda: _Protocol(_LINE_LIMIT_BYTES, loop), *launch.argv, env=launch.env,
+                lambda: _Protocol(_LINE_LIMIT_BYTES, loop), *argv, env=launch.env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
             )
