@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,3 +24,15 @@ METRICS_ROUTES = [Route("/metrics", metrics), Route("/healthz", healthz)]
 
 def metrics_app() -> Starlette:
     return Starlette(routes=list(METRICS_ROUTES))
+
+
+async def serve_metrics(host: str, port: int, stop: asyncio.Event) -> int:
+    """Serve /metrics and /healthz until `stop`; returns the bound port (0 picks a free one)."""
+    import structlog
+
+    from runplane_service.lifecycle import bound_port, serve_http
+
+    server = await serve_http(metrics_app(), host, port, stop)
+    bound = bound_port(server)
+    structlog.get_logger("runplane.metrics").info("metrics listening", url=f"http://{host}:{bound}/metrics")
+    return bound

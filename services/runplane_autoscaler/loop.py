@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,6 +17,7 @@ from runplane_bus import Bus
 from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.scaling import ScaleTarget
+from runplane_service.control import every
 from runplane_service.clock import Clock
 
 T = TypeVar("T")
@@ -50,16 +50,8 @@ class Autoscaler:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("autoscaler running", interval_s=self.settings.interval_s)
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.tick()
-            except Exception:  # every step catches; this is the last line of defence
-                ERRORS.labels(step="tick").inc()
-                log.exception("autoscaler tick failed")
-            elapsed = time.monotonic() - started
-            TICK_SECONDS.observe(elapsed)
-            await _pause(stop, max(0.0, self.settings.interval_s - elapsed))
+        await every(self.settings.interval_s, stop, self.tick, on_error=_tick_failed,
+                    observe_s=TICK_SECONDS.observe)
 
     async def tick(self) -> None:
         TICKS.inc()
@@ -149,7 +141,7 @@ class Autoscaler:
             log.info("endpoint gone: scale target deleted", endpoint_id=endpoint_id)
 
 
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or less if `stop` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+def _tick_failed(_: Exception) -> None:
+    ERRORS.labels(step="tick").inc()
+    log.exception("autoscaler tick failed")

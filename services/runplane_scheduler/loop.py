@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -29,6 +28,7 @@ from runplane_scheduler.metrics import (COMMANDS, ERRORS, NODES_ALIVE, NODES_LOS
 from runplane_scheduler.placement import Command, Plan, Unplaced, place
 from runplane_scheduler.settings import SchedulerSettings
 from runplane_service.clock import Clock
+from runplane_service.control import every
 
 T = TypeVar("T")
 log = structlog.get_logger("runplane.scheduler")
@@ -52,17 +52,8 @@ class Scheduler:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("scheduler running", interval_s=self.settings.schedule_interval_s)
         try:
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    await self.tick()
-                except Exception:  # every step catches; this is the last line of defence
-                    ERRORS.labels(step="tick").inc()
-                    log.exception("scheduler tick failed")
-                elapsed = time.monotonic() - started
-                TICK_SECONDS.observe(elapsed)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(0.0, self.settings.schedule_interval_s - elapsed))
+            await every(self.settings.schedule_interval_s, stop, self.tick, on_error=_tick_failed,
+                        observe_s=TICK_SECONDS.observe)
         finally:
             for task in list(self._sending):
                 task.cancel()
@@ -185,3 +176,8 @@ class Scheduler:
                                 self.clock.now_ms(), node_fault=starting)
             COMMANDS.labels(command=kind, result="refused").inc()
             log.warning("node refused a command", command=kind, error=reply.error, **fields)
+
+
+def _tick_failed(_: Exception) -> None:
+    ERRORS.labels(step="tick").inc()
+    log.exception("scheduler tick failed")

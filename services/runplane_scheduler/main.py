@@ -12,19 +12,18 @@ from runplane_scheduler.loop import Scheduler
 from runplane_scheduler.settings import load_settings
 from runplane_service import logs
 from runplane_service.env import bus_settings
-from runplane_service.lifecycle import bound_port, run_service, serve_http
-from runplane_service.metrics import metrics_app
+from runplane_service.lifecycle import run_service
+from runplane_service.metrics import serve_metrics
 
 
 def main() -> None:
     settings = load_settings()
-    log = logs.configure("scheduler")
+    logs.configure("scheduler")
 
     async def service(stack: contextlib.AsyncExitStack, stop: asyncio.Event) -> None:
         bus = await Bus.connect(bus_settings("scheduler"))
         stack.push_async_callback(bus.close)
-        server = await serve_http(metrics_app(), settings.metrics_host, settings.metrics_port, stop)
-        log.info("metrics listening", url=f"http://{settings.metrics_host}:{bound_port(server)}/metrics")
+        await serve_metrics(settings.metrics_host, settings.metrics_port, stop)
         retention = Retention(result_ms=int(settings.result_retention_s * 1000),
                               sync_result_ms=int(settings.sync_result_retention_s * 1000))
         await asyncio.gather(
