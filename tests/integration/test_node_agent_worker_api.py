@@ -13,10 +13,8 @@ import msgspec
 import pytest
 import pytest_asyncio
 from node_agent_harness import (
-    connected,
     output_of,
     record_of,
-    running_agent,
     start_worker,
     submit,
     wait_record,
@@ -27,32 +25,14 @@ from runplane_proto import subjects as s
 from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.jobs import CancelJob, ChunkAdded, JobChanged, JobEvent, StreamChunk
-from runplane_testing.natsserver import NatsServer
 from runplane_testing.waiting import async_wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+AGENT_OPTIONS = {"take_poll_s": 1.0}
 
 EVENTS: Codec[JobEvent] = Codec(JobEvent)
 CHUNK: Codec[StreamChunk] = Codec(StreamChunk)
 FORM = {"Content-Type": "application/x-www-form-urlencoded", "charset": "utf-8"}
-
-
-@pytest.fixture(scope="module")
-def nats():
-    with NatsServer() as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def bus(nats):
-    async with connected(nats.url) as b:
-        yield b
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def agent(nats):
-    async with running_agent(nats.url, take_poll_s=1.0) as a:
-        yield a
 
 
 @pytest_asyncio.fixture(loop_scope="module")

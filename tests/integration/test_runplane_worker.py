@@ -8,39 +8,18 @@ import json
 import pytest
 import pytest_asyncio
 from node_agent_harness import (
-    connected,
     fast_spec,
     output_of,
     record_of,
-    running_agent,
     start_worker,
     submit,
     wait_record,
     wait_worker_state,
 )
-from runplane_testing.natsserver import NatsServer
 from runplane_testing.waiting import async_wait_until
 from test_node_agent_worker_api import cancel_like_the_gateway, consumer_settled, read_chunks
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture(scope="module")
-def nats():
-    with NatsServer() as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def bus(nats):
-    async with connected(nats.url) as b:
-        yield b
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def agent(nats):
-    async with running_agent(nats.url) as a:
-        yield a
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
