@@ -56,7 +56,9 @@ class TypedKV(Generic[T]):
         except KeyWrongLastSequenceError as exc:
             raise Conflict(key) from exc
 
-    async def modify(self, key: str, change: Callable[[T], T | None], *, attempts: int = 20) -> Versioned[T] | None:
+    async def modify(
+        self, key: str, change: Callable[[T], T | None], *, attempts: int = 20,
+    ) -> Versioned[T] | None:
         """Read-modify-write with retries. `change` returns the new value or None to leave it.
 
         Returns the value written (or the current value if `change` declined), None if absent.

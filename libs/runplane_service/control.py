@@ -8,8 +8,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 
-async def every(interval_s: float, stop: asyncio.Event, step: Callable[[], Awaitable[object]], *,
-                on_error: Callable[[Exception], None], observe_s: Callable[[float], None] | None = None) -> None:
+async def every(
+    interval_s: float, stop: asyncio.Event, step: Callable[[], Awaitable[object]], *,
+    on_error: Callable[[Exception], None], observe_s: Callable[[float], None] | None = None,
+) -> None:
     """Run `step` every `interval_s` (minus the time it took) until `stop` is set.
 
     An exception from `step` goes to `on_error` (log it, count it) and the loop goes on.

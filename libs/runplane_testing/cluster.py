@@ -139,7 +139,8 @@ class Cluster:
         return wait_until(ready, timeout_s=timeout_s, interval_s=0.1, what=f"{idle} workers ready")
 
     def logs(self) -> str:
-        return "\n".join(f"===== {name} =====\n{svc.log_text()[-6000:]}" for name, svc in self.services.items())
+        return "\n".join(f"===== {name} =====\n{svc.log_text()[-6000:]}"
+                         for name, svc in self.services.items())
 
 
 def python_command(script: str) -> list[str]:
