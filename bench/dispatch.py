@@ -14,11 +14,15 @@ import time
 
 import aiohttp
 import httpx
+import nats
+from nats.aio.msg import Msg
 
 from bench.floors import http_floor_ms, jetstream_floor_jobs_per_s, nats_rr_floor_ms
 from bench.stats import percentile
+from runplane_proto import subjects
+from runplane_proto.codec import Codec
+from runplane_proto.jobs import JobChanged, JobEvent
 from runplane_testing.cluster import Cluster, python_command
-from runplane_testing.waiting import wait_until
 
 PAYLOAD = json.dumps({"input": {"prompt": "x" * 900, "n": 1}}).encode()
 THROUGHPUT_WORKERS = 4
@@ -41,12 +45,31 @@ def _runsync_ms(cluster: Cluster, endpoint_id: str, samples: int) -> list[float]
 
 def _throughput(cluster: Cluster, endpoint_id: str, count: int) -> float:
     """Submit `count` /run requests from THROUGHPUT_CONCURRENCY connections (aiohttp: a Python
-    load generator that is not itself the bottleneck) and count them to completion."""
+    load generator that is not itself the bottleneck) and count them to completion by their
+    terminal events on the bus (polling /health would itself load the system)."""
     headers = {"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"}
     url = f"{cluster.gateway_url}/v2/{endpoint_id}/run"
+    assert cluster.nats is not None
+    nats_url = cluster.nats.url
 
-    async def submit() -> list[str]:
+    async def measure() -> float:
+        nc = await nats.connect(nats_url)
+        codec: Codec[JobEvent] = Codec(JobEvent)
+        completed: set[str] = set()
+        all_done = asyncio.Event()
+
+        async def on_event(msg: Msg) -> None:
+            event = codec.decode(msg.data)
+            if isinstance(event, JobChanged) and event.record.status == "COMPLETED" \
+                    and event.record.endpoint_id == endpoint_id:
+                completed.add(event.record.id)
+                if len(completed) >= count:
+                    all_done.set()
+
+        await nc.subscribe(subjects.ALL_JOB_EVENTS, cb=on_event)
+        await nc.flush()
         ids: list[str] = []
+        started = time.perf_counter()
         connector = aiohttp.TCPConnector(limit=THROUGHPUT_CONCURRENCY)
         async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
             async def connection(n: int) -> None:
@@ -56,21 +79,13 @@ def _throughput(cluster: Cluster, endpoint_id: str, count: int) -> float:
 
             share, extra = divmod(count, THROUGHPUT_CONCURRENCY)
             await asyncio.gather(*(connection(share + (i < extra)) for i in range(THROUGHPUT_CONCURRENCY)))
-        return ids
+        await asyncio.wait_for(all_done.wait(), timeout=300)
+        elapsed = time.perf_counter() - started
+        await nc.close()
+        assert len(set(ids)) == count and completed == set(ids), "a job completed that was not submitted"
+        return count / elapsed
 
-    with cluster.client() as http:
-        before = http.get(f"/v2/{endpoint_id}/health").json()["jobs"]["completed"]
-    t0 = time.perf_counter()
-    ids = asyncio.run(submit())
-    assert len(set(ids)) == count
-
-    def all_done() -> bool:
-        with cluster.client() as http:
-            jobs = http.get(f"/v2/{endpoint_id}/health").json()["jobs"]
-        return jobs["completed"] - before >= count
-
-    wait_until(all_done, timeout_s=300, interval_s=0.2, what="all jobs completed")
-    return count / (time.perf_counter() - t0)
+    return asyncio.run(measure())
 
 
 def run(quick: bool = False) -> dict[str, float]:

@@ -29,6 +29,7 @@ OBJ_PAYLOADS = "rp-payloads"
 # Wildcards used for stream definitions and fleet-wide subscriptions.
 ALL_JOB_QUEUES = "rp.jobs.>"
 ALL_JOB_CHUNKS = "rp.job.*.chunks"
+ALL_JOB_EVENTS = "rp.job.*.events"
 ALL_WEBHOOKS = "rp.webhook.*.due"
 ALL_CANCELS = "rp.endpoint.*.cancel"
 WEBHOOK_CONSUMER = "webhooks"
