@@ -18,7 +18,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
     node_backoff_s: float = 5.0
     # Worker slots per CPU for CPU endpoints (every worker on a node takes one).
     workers_per_cpu: float = 4.0
-    janitor_interval_s: float = 5.0
+    janitor_interval_s: float = 30.0
     result_retention_s: float = 1800.0
     sync_result_retention_s: float = 60.0
     metrics_host: str = "127.0.0.1"
@@ -40,7 +40,7 @@ def load_settings() -> SchedulerSettings:
         command_timeout_s=_positive("RP_COMMAND_TIMEOUT_S", 5.0),
         node_backoff_s=_positive("RP_NODE_BACKOFF_S", 5.0),
         workers_per_cpu=_positive("RP_WORKERS_PER_CPU", 4.0),
-        janitor_interval_s=_positive("RP_JANITOR_INTERVAL_S", 5.0),
+        janitor_interval_s=_positive("RP_JANITOR_INTERVAL_S", 30.0),
         result_retention_s=_positive("RP_RESULT_RETENTION_S", 1800.0),
         sync_result_retention_s=_positive("RP_SYNC_RESULT_RETENTION_S", 60.0),
         metrics_host=env_str("RP_METRICS_HOST", "127.0.0.1"),
