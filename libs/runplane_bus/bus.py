@@ -22,6 +22,7 @@ from runplane_proto import subjects as s
 from runplane_proto.codec import Codec, DecodeError, encode
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.jobs import JobRecord
+from runplane_proto.leases import Lease
 from runplane_proto.nodes import NodeStatus
 from runplane_proto.scaling import ScaleTarget
 
@@ -51,6 +52,7 @@ class Bus:
         self.endpoints: TypedKV[EndpointSpec]
         self.nodes: TypedKV[NodeStatus]
         self.scale: TypedKV[ScaleTarget]
+        self.leases: TypedKV[Lease]
         self.payloads: Payloads
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -92,6 +94,7 @@ class Bus:
         self.endpoints = TypedKV(await self.js.key_value(s.KV_ENDPOINTS), EndpointSpec)
         self.nodes = TypedKV(await self.js.key_value(s.KV_NODES), NodeStatus)
         self.scale = TypedKV(await self.js.key_value(s.KV_SCALE), ScaleTarget)
+        self.leases = TypedKV(await self.js.key_value(s.KV_LEASES), Lease)
         self.payloads = Payloads(await self.js.object_store(s.OBJ_PAYLOADS))
 
     async def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runplane_proto import jobs, nodes, scaling, endpoints
+from runplane_proto import endpoints, jobs, leases, nodes, scaling
 from runplane_proto.ids import check_id
 
 # JetStream streams
@@ -135,6 +135,10 @@ REGISTRY: tuple[Channel, ...] = (
             ("node-agent",), ("scheduler", "autoscaler", "gateway"),
             "Inventory, workers and heartbeat time; a node whose heartbeat is older than the "
             "loss timeout is lost."),
+    Channel("leader leases", f"KV {KV_LEASES}: <role>", "kv", leases.Lease,
+            ("scheduler", "autoscaler"), ("scheduler", "autoscaler"),
+            "Who is the active scheduler / autoscaler; renewed with compare-and-set, taken over "
+            "by a standby once expired."),
     Channel("scale targets", f"KV {KV_SCALE}: <endpoint>", "kv", scaling.ScaleTarget,
             ("autoscaler",), ("scheduler",), "Desired worker count per endpoint."),
 )

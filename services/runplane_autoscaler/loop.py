@@ -14,6 +14,7 @@ from runplane_autoscaler.policy import ScaleState, decide, state_of
 from runplane_autoscaler.settings import AutoscalerSettings
 from runplane_autoscaler.signals import sample
 from runplane_bus import Bus
+from runplane_bus.leases import LeaseKeeper
 from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.scaling import ScaleTarget
@@ -38,8 +39,11 @@ PER_ENDPOINT = (DESIRED, QUEUED, IN_PROGRESS, OLDEST_AGE)
 class Autoscaler:
     """Holds the policy state per endpoint; `tick()` runs one sample → decide → publish round."""
 
-    def __init__(self, bus: Bus, settings: AutoscalerSettings, clock: Clock | None = None) -> None:
+    def __init__(self, bus: Bus, settings: AutoscalerSettings, clock: Clock | None = None,
+                 lease: LeaseKeeper | None = None) -> None:
         self.bus = bus
+        # With a lease, only the process holding it acts; the others stand by.
+        self.lease = lease
         self.settings = settings
         self.clock = clock or Clock()
         self.states: dict[str, ScaleState] = {}
@@ -56,6 +60,13 @@ class Autoscaler:
     async def tick(self) -> None:
         TICKS.inc()
         self.ticks += 1
+        if self.lease is not None:
+            was_leading = self.lease.leading
+            if not await self.lease.hold():
+                return
+            if not was_leading:  # taking over: continue from the state the last leader persisted
+                self._restored = False
+                self.written.clear()
         now_ms = self.clock.now_ms()
         ok, specs = await self._step("read endpoints", self._read_endpoints)
         if not ok:

@@ -7,6 +7,7 @@ the effects, each one idempotent and guarded by compare-and-set.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import contextlib
 import time
 
@@ -37,8 +38,10 @@ async def delete_at_revision(kv: KeyValue, key: str, revision: int) -> bool:
 
 class Janitor:
     def __init__(self, bus: Bus, retention: Retention, *, interval_s: float = 5.0,
-                 purge_deletes_every_s: float = 600.0, clock: Clock | None = None) -> None:
+                 purge_deletes_every_s: float = 600.0, clock: Clock | None = None,
+                 is_leader: Callable[[], bool] = lambda: True) -> None:
         self.bus = bus
+        self.is_leader = is_leader
         self.retention = retention
         self.interval_s = interval_s
         self.purge_deletes_every_s = purge_deletes_every_s
@@ -48,6 +51,10 @@ class Janitor:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("janitor running", interval_s=self.interval_s)
         while not stop.is_set():
+            if not self.is_leader():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                continue
             try:
                 await self.sweep_once()
             except Exception as exc:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import structlog
 
 from runplane_bus import Bus
+from runplane_bus.leases import LeaseKeeper
 from runplane_proto import subjects
 from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
@@ -37,8 +38,10 @@ REPLY = Codec(CommandReply)
 
 class Scheduler:
     def __init__(self, bus: Bus, settings: SchedulerSettings, clock: Clock | None = None,
-                 new_id: Callable[[], str] = new_worker_id) -> None:
+                 new_id: Callable[[], str] = new_worker_id, lease: LeaseKeeper | None = None) -> None:
         self.bus = bus
+        # With a lease, only the process holding it acts; the others stand by.
+        self.lease = lease
         self.settings = settings
         self.clock = clock or Clock()
         self.new_id = new_id
@@ -62,6 +65,8 @@ class Scheduler:
         """One round; returns the plan it acted on (None when the cluster could not be read)."""
         TICKS.inc()
         self.ticks += 1
+        if self.lease is not None and not await self.lease.hold():
+            return None
         now_ms = self.clock.now_ms()
         ok, world = await self._step("read", self._read)
         if not ok:

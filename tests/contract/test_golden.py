@@ -11,6 +11,7 @@ from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.jobs import JobEvent, JobQueued, JobRecord, StreamChunk, CancelJob, WebhookDue
 from runplane_proto.nodes import CommandReply, NodeCommand, NodeStatus
+from runplane_proto.leases import Lease
 from runplane_proto.scaling import ScaleTarget
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -18,7 +19,7 @@ TYPES = {
     "job_record": JobRecord, "job_queued": JobQueued, "job_changed": JobEvent, "chunk_added": JobEvent,
     "stream_chunk": StreamChunk, "cancel_job": CancelJob, "webhook_due": WebhookDue,
     "endpoint_spec": EndpointSpec, "node_status": NodeStatus, "start_worker": NodeCommand,
-    "stop_worker": NodeCommand, "command_reply": CommandReply, "scale_target": ScaleTarget,
+    "stop_worker": NodeCommand, "command_reply": CommandReply, "scale_target": ScaleTarget, "lease": Lease,
 }
 
 

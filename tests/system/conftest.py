@@ -12,6 +12,7 @@ FAST_ENV = {
     "RP_NODE_LOSS_TIMEOUT_S": "4",
     "RP_WORKER_PING_INTERVAL_MS": "1000",
     "RP_STOP_GRACE_S": "2",
+    "RP_LEASE_TTL_S": "2",
 }
 
 
