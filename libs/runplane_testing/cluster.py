@@ -98,8 +98,9 @@ class Cluster:
         self.services[name] = svc
         return svc
 
-    def add_node(self, node_id: str) -> ServiceProc:
-        return self.add(node_id, "runplane_node_agent", RP_NODE_ID=node_id, RP_AGENT_PORT=str(free_port()))
+    def add_node(self, node_id: str, **extra_env: str) -> ServiceProc:
+        return self.add(node_id, "runplane_node_agent", RP_NODE_ID=node_id, RP_AGENT_PORT=str(free_port()),
+                        **extra_env)
 
     def stop(self) -> None:
         for svc in reversed(list(self.services.values())):
