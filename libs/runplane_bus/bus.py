@@ -24,7 +24,7 @@ from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.jobs import JobRecord
 from runplane_proto.leases import Lease
 from runplane_proto.nodes import NodeStatus
-from runplane_proto.scaling import ScaleTarget
+from runplane_proto.scaling import PlacementStatus, ScaleTarget
 
 T = TypeVar("T")
 log = structlog.get_logger("runplane.bus")
@@ -53,6 +53,7 @@ class Bus:
         self.nodes: TypedKV[NodeStatus]
         self.scale: TypedKV[ScaleTarget]
         self.leases: TypedKV[Lease]
+        self.placement: TypedKV[PlacementStatus]
         self.payloads: Payloads
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -95,6 +96,7 @@ class Bus:
         self.nodes = TypedKV(await self.js.key_value(s.KV_NODES), NodeStatus)
         self.scale = TypedKV(await self.js.key_value(s.KV_SCALE), ScaleTarget)
         self.leases = TypedKV(await self.js.key_value(s.KV_LEASES), Lease)
+        self.placement = TypedKV(await self.js.key_value(s.KV_PLACEMENT), PlacementStatus)
         self.payloads = Payloads(await self.js.object_store(s.OBJ_PAYLOADS))
 
     async def close(self) -> None:

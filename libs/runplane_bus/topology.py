@@ -32,6 +32,7 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
         (s.KV_ENDPOINTS, 5, None),
         (s.KV_NODES, 1, None),
         (s.KV_SCALE, 1, None),
+        (s.KV_PLACEMENT, 1, None),
         (s.KV_LEASES, 1, None),
         (s.KV_CURSORS, 1, DAY_S),
     ):

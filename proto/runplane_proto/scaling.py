@@ -20,3 +20,15 @@ class ScaleTarget(msgspec.Struct, frozen=True, kw_only=True):
     last_needed_at_ms: int = 0
     # When `desired_workers` last went up.
     last_scale_up_at_ms: int = 0
+
+
+class PlacementStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Workers an endpoint wants that no node can take now, and why; KV `rp-placement`
+    (key = endpoint id), written by the scheduler, deleted once they are placed."""
+
+    endpoint_id: EndpointId
+    pending_workers: int
+    reason: str
+    # When the endpoint's workers first stayed pending (this episode), and the last write.
+    since_ms: int = 0
+    updated_at_ms: int = 0

@@ -22,6 +22,7 @@ KV_JOBS = "rp-jobs"
 KV_ENDPOINTS = "rp-endpoints"
 KV_NODES = "rp-nodes"
 KV_SCALE = "rp-scale"
+KV_PLACEMENT = "rp-placement"
 KV_LEASES = "rp-leases"
 KV_CURSORS = "rp-stream-cursors"
 OBJ_PAYLOADS = "rp-payloads"
@@ -85,6 +86,10 @@ def scale_key(endpoint_id: str) -> str:
     return check_id(endpoint_id, "endpoint")
 
 
+def placement_key(endpoint_id: str) -> str:
+    return check_id(endpoint_id, "endpoint")
+
+
 def lease_key(role: str) -> str:
     return check_id(role, "lease")
 
@@ -141,4 +146,8 @@ REGISTRY: tuple[Channel, ...] = (
             "by a standby once expired."),
     Channel("scale targets", f"KV {KV_SCALE}: <endpoint>", "kv", scaling.ScaleTarget,
             ("autoscaler",), ("scheduler",), "Desired worker count per endpoint."),
+    Channel("placement status", f"KV {KV_PLACEMENT}: <endpoint>", "kv", scaling.PlacementStatus,
+            ("scheduler",), ("gateway",),
+            "Wanted workers that no node can take now and why (shown by /health as `throttled`); "
+            "deleted once they are placed."),
 )
