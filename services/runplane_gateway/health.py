@@ -1,9 +1,11 @@
-"""The workers half of /health: counted from the node agents' status in KV `rp-nodes`."""
+"""The workers half of /health: counted from the node agents' status in KV `rp-nodes`, and
+the scheduler's word on workers no node can take (KV `rp-placement`)."""
 
 from __future__ import annotations
 
 from runplane_bus import Bus
-from runplane_gateway.wire import WorkerCounts
+from runplane_gateway.wire import PlacementView, WorkerCounts
+from runplane_proto import subjects
 
 
 async def worker_counts(
@@ -24,3 +26,11 @@ async def worker_counts(
             elif worker.state == "starting":
                 counts.initializing += 1
     return counts
+
+
+async def pending_placement(bus: Bus, endpoint_id: str) -> PlacementView | None:
+    entry = await bus.placement.get(subjects.placement_key(endpoint_id))
+    if entry is None or entry.value.pending_workers <= 0:
+        return None
+    status = entry.value
+    return PlacementView(pendingWorkers=status.pending_workers, reason=status.reason, sinceMs=status.since_ms)

@@ -20,7 +20,7 @@ from runplane_gateway import metrics
 from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.chunks import ChunkReader
 from runplane_gateway.errors import ApiError, json_response, validation_message
-from runplane_gateway.health import worker_counts
+from runplane_gateway.health import pending_placement, worker_counts
 from runplane_gateway.jobs import Jobs
 from runplane_gateway.limits import RateLimiter, read_body
 from runplane_gateway.settings import GatewaySettings
@@ -214,7 +214,10 @@ class ClientApi:
         jobs = await self.jobs.count(spec.id)
         workers = await worker_counts(self.bus, spec.id, now_ms=self.clock.now_ms(),
                                       node_loss_timeout_s=self.settings.node_loss_timeout_s)
-        return json_response(encoder.encode(HealthView(jobs=jobs, workers=workers)))
+        placement = await pending_placement(self.bus, spec.id)
+        if placement is not None:
+            workers.throttled = placement.pendingWorkers
+        return json_response(encoder.encode(HealthView(jobs=jobs, workers=workers, placement=placement)))
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -72,11 +72,22 @@ class WorkerCounts(msgspec.Struct):
     idle: int = 0
     running: int = 0
     initializing: int = 0
+    # Workers the endpoint wants that no node can take now (see `placement.reason`).
+    throttled: int = 0
 
 
-class HealthView(msgspec.Struct):
+class PlacementView(msgspec.Struct):
+    """Why wanted workers stay pending (an addition to RunPod's /health)."""
+
+    pendingWorkers: int
+    reason: str
+    sinceMs: int
+
+
+class HealthView(msgspec.Struct, omit_defaults=True):
     jobs: JobCounts
     workers: WorkerCounts
+    placement: PlacementView | None = None
 
 
 # -- management API (/v1) --------------------------------------------------------------------

@@ -21,7 +21,7 @@ from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.ids import new_worker_id
 from runplane_proto.nodes import CommandReply, NodeStatus, StartWorker
-from runplane_proto.scaling import ScaleTarget
+from runplane_proto.scaling import PlacementStatus, ScaleTarget
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, split_nodes
 from runplane_scheduler.janitor import delete_at_revision
 from runplane_scheduler.metrics import (COMMANDS, ERRORS, NODES_ALIVE, NODES_LOST, PENDING_STARTS,
@@ -34,6 +34,8 @@ from runplane_service.control import every
 T = TypeVar("T")
 log = structlog.get_logger("runplane.scheduler")
 REPLY = Codec(CommandReply)
+# Stands for a key an earlier leader wrote, until this one decides about it.
+_STALE = Unplaced(endpoint_id="", missing=-1, reason="")
 
 
 class Scheduler:
@@ -49,7 +51,10 @@ class Scheduler:
                                backoff_ms=int(settings.node_backoff_s * 1000))
         self._loss_ms = int(settings.node_loss_timeout_s * 1000)
         self._sending: set[asyncio.Task[None]] = set()
-        self._unplaced: dict[str, str] = {}  # endpoint → the reason last logged
+        # Per endpoint, what KV `rp-placement` says now (written on change), and since when.
+        self._unplaced: dict[str, Unplaced] = {}
+        self._pending_since: dict[str, int] = {}
+        self._placement_synced = False
         self.ticks = 0  # rounds started (tests wait on it)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -65,8 +70,12 @@ class Scheduler:
         """One round; returns the plan it acted on (None when the cluster could not be read)."""
         TICKS.inc()
         self.ticks += 1
-        if self.lease is not None and not await self.lease.hold():
-            return None
+        if self.lease is not None:
+            was_leading = self.lease.leading
+            if not await self.lease.hold():
+                return None
+            if not was_leading:
+                self._placement_synced = False
         now_ms = self.clock.now_ms()
         ok, world = await self._step("read", self._read)
         if not ok:
@@ -87,7 +96,7 @@ class Scheduler:
             ERRORS.labels(step="place").inc()
             log.exception("placement failed")
             return None
-        self._report(plan.unplaced)
+        await self._report(plan.unplaced, now_ms)
         for command in plan.commands:
             self._send(command, now_ms)
         PENDING_STARTS.set(len(self.pending.starts))
@@ -126,19 +135,44 @@ class Scheduler:
                         last_heartbeat_ms_ago=self.clock.now_ms() - current.value.heartbeat_at_ms,
                         workers=[w.worker_id for w in current.value.workers])
 
-    def _report(self, unplaced: list[Unplaced]) -> None:
-        """Say (once per change) why an endpoint's workers stay pending."""
+    async def _report(self, unplaced: list[Unplaced], now_ms: int) -> None:
+        """Say (once per change) why an endpoint's workers stay pending: in the log, the
+        metrics and KV `rp-placement` (what /health shows); delete the key once placed."""
         now_unplaced = {u.endpoint_id: u for u in unplaced}
+        if not self._placement_synced:
+            # Taking over: drop what an earlier leader wrote for endpoints that are placed now.
+            ok, keys = await self._step("read placement", self._placement_keys)
+            if ok:
+                self._unplaced = {k: _STALE for k in keys}
+                self._placement_synced = True
         for endpoint_id, u in now_unplaced.items():
             UNPLACED.labels(endpoint=endpoint_id).set(u.missing)
-            if self._unplaced.get(endpoint_id) != u.reason:
+            previous = self._unplaced.get(endpoint_id)
+            if previous is not None and (previous.reason, previous.missing) == (u.reason, u.missing):
+                continue
+            if previous is None or previous.reason != u.reason:
                 log.warning("workers stay pending: no node fits", endpoint_id=endpoint_id, missing=u.missing,
                             reason=u.reason)
+            since = self._pending_since.setdefault(endpoint_id, now_ms)
+            ok, _ = await self._step("write placement", lambda u=u, since=since: self.bus.placement.put(
+                subjects.placement_key(u.endpoint_id), PlacementStatus(
+                    endpoint_id=u.endpoint_id, pending_workers=u.missing, reason=u.reason,
+                    since_ms=since, updated_at_ms=now_ms)))
+            if ok:
+                self._unplaced[endpoint_id] = u
         for endpoint_id in set(self._unplaced) - set(now_unplaced):
+            ok, _ = await self._step("delete placement", lambda ep=endpoint_id: self.bus.placement.delete(
+                subjects.placement_key(ep)))
+            if not ok:
+                continue
             with contextlib.suppress(KeyError):
                 UNPLACED.remove(endpoint_id)
-            log.info("pending workers placed", endpoint_id=endpoint_id)
-        self._unplaced = {ep: u.reason for ep, u in now_unplaced.items()}
+            if self._unplaced.pop(endpoint_id) is not _STALE:
+                log.info("pending workers placed", endpoint_id=endpoint_id)
+            self._pending_since.pop(endpoint_id, None)
+
+    async def _placement_keys(self) -> list[str]:
+        return await self.bus.placement.keys()
 
     def _send(self, command: Command, now_ms: int) -> None:
         message = command.message

@@ -208,19 +208,35 @@ def select(spec: EndpointSpec, use: dict[str, NodeUse], *, workers_per_cpu: floa
     if not use:
         return "no alive nodes"
     options: list[tuple[tuple[int, int, int, int, str], Option]] = []
-    rejected: list[str] = []
+    rejected: list[tuple[str, str]] = []
     for node_id in sorted(use):
         found = feasible(spec, use[node_id], workers_per_cpu=workers_per_cpu,
                          backoff_reason=backoff.get(node_id))
         if isinstance(found, Option):
             options.append((score(spec, found, use[node_id]), found))
         else:
-            rejected.append(f"{node_id}: {found}")
+            rejected.append((node_id, found))
     if not options:
         need = (f"{spec.gpu_count} free GPU(s) of {spec.gpu_type_ids or 'any type'}"
                 if spec.gpu_count > 0 else "a free worker slot")
-        return f"no node has {need}: " + "; ".join(rejected)
+        return f"no node has {need}: " + summarise(rejected)
     return min(options, key=lambda o: o[0])[1]
+
+
+def summarise(rejected: list[tuple[str, str]], *, examples: int = 3, groups: int = 5) -> str:
+    """Per-node rejections, grouped by reason, most common first, a few node ids each, so the
+    text stays short on a fleet of thousands: `2 nodes (n1, n2): draining; ...`."""
+    by_reason: dict[str, list[str]] = {}
+    for node_id, reason in rejected:
+        by_reason.setdefault(reason, []).append(node_id)
+    ordered = sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    parts = []
+    for reason, nodes in ordered[:groups]:
+        named = ", ".join(nodes[:examples]) + (", …" if len(nodes) > examples else "")
+        parts.append(f"{nodes[0]}: {reason}" if len(nodes) == 1 else f"{len(nodes)} nodes ({named}): {reason}")
+    if len(ordered) > groups:
+        parts.append(f"{sum(len(n) for _, n in ordered[groups:])} more nodes for other reasons")
+    return "; ".join(parts)
 
 
 def _assign(use: NodeUse, option: Option) -> None:

@@ -16,6 +16,7 @@ from runplane_gateway.settings import GatewaySettings
 from runplane_proto import subjects
 from runplane_proto.codec import Codec
 from runplane_proto.jobs import CancelJob, JobChanged, JobEvent, JobQueued, JobRecord, StreamChunk
+from runplane_proto.scaling import PlacementStatus
 from runplane_proto.nodes import NodeStatus, WorkerInfo
 from runplane_service.clock import FakeClock
 from runplane_testing.waiting import async_wait_until
@@ -458,7 +459,16 @@ async def test_purge_queue_and_health(stack: Stack) -> None:
 
     health = (await stack.http.get(f"/v2/{ep}/health")).json()
     assert health == {"jobs": {"completed": 1, "failed": 1, "inProgress": 1, "inQueue": 3, "retried": 0},
-                      "workers": {"idle": 1, "running": 1, "initializing": 1}}
+                      "workers": {"idle": 1, "running": 1, "initializing": 1, "throttled": 0}}
+    # Workers the scheduler cannot place: counted as throttled, with the reason.
+    await stack.bus.placement.put(subjects.placement_key(ep), PlacementStatus(
+        endpoint_id=ep, pending_workers=2, reason="no node has 1 free GPU(s) of ['H100']: n1: no GPUs",
+        since_ms=now - 5000, updated_at_ms=now))
+    health = (await stack.http.get(f"/v2/{ep}/health")).json()
+    assert health["workers"]["throttled"] == 2
+    assert health["placement"] == {"pendingWorkers": 2, "sinceMs": now - 5000,
+                                   "reason": "no node has 1 free GPU(s) of ['H100']: n1: no GPUs"}
+    assert "placement" not in (await stack.http.get(f"/v2/{other}/health")).json()
 
     resp = await stack.http.post(f"/v2/{ep}/purge-queue")
     assert resp.status_code == 200 and resp.json() == {"removed": 3, "status": "completed"}

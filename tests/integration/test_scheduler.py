@@ -166,6 +166,46 @@ async def test_gpu_workers_get_their_own_gpus(nats_server):
         await node.die()
 
 
+async def test_pending_workers_and_their_reason_are_published_until_capacity_appears(nats_server):
+    h100 = [GpuInfo(index=0, uuid="GPU-h0", name="NVIDIA H100 80GB HBM3", memory_total_mb=81920)]
+    a100 = [GpuInfo(index=i, uuid=f"GPU-a{i}", name="NVIDIA A100-SXM4-80GB", memory_total_mb=81920)
+            for i in range(2)]
+    async with running(nats_server.url, lambda bus: Scheduler(bus, SETTINGS)) as bus:
+        small = await FakeNode(bus, "a1", gpus=a100).start()
+        await bus.endpoints.put("ep1", EndpointSpec(id="ep1", name="ep1", workers_min=2, workers_max=2,
+                                                    gpu_count=1, gpu_type_ids=["H100"]))
+
+        async def pending():
+            got = await bus.placement.get(subjects.placement_key("ep1"))
+            return got.value if got else None
+
+        status = await async_wait_until(pending, timeout_s=10, what="placement status written")
+        assert status.pending_workers == 2 and status.since_ms > 0
+        assert status.reason == ("no node has 1 free GPU(s) of ['H100']: "
+                                 "a1: 2 of 2 GPUs free (NVIDIA A100-SXM4-80GB)")
+        assert small.started == []
+        big = await FakeNode(bus, "h1", gpus=h100).start()
+        status = await async_wait_until(lambda: _pending_is(bus, 1), timeout_s=10,
+                                        what="one worker placed, one pending")
+        assert "h1: 0 of 1 GPUs free" in status.reason and "a1: 2 of 2 GPUs free" in status.reason
+        assert [s.gpu_uuids for s in big.started] == [["GPU-h0"]]
+        big.gpus = h100 + [GpuInfo(index=1, uuid="GPU-h1", name="NVIDIA H100 80GB HBM3", memory_total_mb=81920)]
+        await big.report()
+        await eventually(lambda: _ready(big.of("ep1"), 2), what="both workers placed")
+        await async_wait_until(lambda: _placement_gone(bus), timeout_s=10, what="placement status deleted")
+        await small.die()
+        await big.die()
+
+
+async def _pending_is(bus: Bus, n: int):
+    got = await bus.placement.get(subjects.placement_key("ep1"))
+    return got.value if got and got.value.pending_workers == n else None
+
+
+async def _placement_gone(bus: Bus) -> bool:
+    return await bus.placement.get(subjects.placement_key("ep1")) is None
+
+
 def _record(job_id: str, status: str, **kw) -> JobRecord:
     base = {"submitted_at_ms": now_ms(), "policy": JobPolicy(execution_timeout_ms=60_000, ttl_ms=86_400_000)}
     base.update(kw)

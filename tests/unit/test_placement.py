@@ -353,3 +353,12 @@ def test_stops_only_idle_workers_and_counts_converge(snapshot):
         if after > want:  # only busy or not-yet-idle workers are left to stop
             assert all(w.info is None or w.info.state != "idle" or w.info.jobs
                        for w in live[spec.id] if w.worker_id not in stops(plan))
+
+
+def test_the_reason_stays_short_on_a_large_fleet():
+    nodes = [node(f"n{i:04d}", cpus=1) for i in range(200)] + [node("d1", draining=True), node("d2", draining=True)]
+    plan = place(snap(nodes, [ep(workers_min=801)]), NOW, ids(), workers_per_cpu=4)
+    reasons = {u.endpoint_id: u.reason for u in plan.unplaced}
+    assert reasons["ep1"].startswith("no node has a free worker slot: 200 nodes (n0000, n0001, n0002, …): "
+                                     "all 4 worker slots used; 2 nodes (d1, d2): draining")
+    assert len(reasons["ep1"]) < 300
