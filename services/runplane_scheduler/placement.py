@@ -233,7 +233,8 @@ def summarise(rejected: list[tuple[str, str]], *, examples: int = 3, groups: int
     parts = []
     for reason, nodes in ordered[:groups]:
         named = ", ".join(nodes[:examples]) + (", …" if len(nodes) > examples else "")
-        parts.append(f"{nodes[0]}: {reason}" if len(nodes) == 1 else f"{len(nodes)} nodes ({named}): {reason}")
+        who = nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes ({named})"
+        parts.append(f"{who}: {reason}")
     if len(ordered) > groups:
         parts.append(f"{sum(len(n) for _, n in ordered[groups:])} more nodes for other reasons")
     return "; ".join(parts)
