@@ -16,6 +16,7 @@ import structlog
 
 from runplane_bus import Bus
 from runplane_bus.leases import LeaseKeeper
+from runplane_bus.mirror import Mirror
 from runplane_proto import subjects
 from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
@@ -56,15 +57,29 @@ class Scheduler:
         self._pending_since: dict[str, int] = {}
         self._placement_synced = False
         self.ticks = 0  # rounds started (tests wait on it)
+        self._mirrors: tuple[Mirror[NodeStatus], Mirror[EndpointSpec], Mirror[ScaleTarget]] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("scheduler running", interval_s=self.settings.schedule_interval_s)
+        wake = asyncio.Event()
+        # Live copies of the buckets each round looks at; a new endpoint or scale target
+        # wakes the loop at once (heartbeats do not: the interval covers node changes).
+        self._mirrors = (
+            Mirror(self.bus.nodes),
+            Mirror(self.bus.endpoints, on_change=lambda _: wake.set()),
+            Mirror(self.bus.scale, on_change=lambda _: wake.set()),
+        )
         try:
+            for mirror in self._mirrors:
+                await mirror.start()
             await every(self.settings.schedule_interval_s, stop, self.tick, on_error=_tick_failed,
-                        observe_s=TICK_SECONDS.observe)
+                        observe_s=TICK_SECONDS.observe, wake=wake)
         finally:
             for task in list(self._sending):
                 task.cancel()
+            for mirror in self._mirrors or ():
+                await mirror.stop()
+            self._mirrors = None
 
     async def tick(self) -> Plan | None:
         """One round; returns the plan it acted on (None when the cluster could not be read)."""
@@ -112,6 +127,10 @@ class Scheduler:
             return False, None
 
     async def _read(self) -> tuple[list[NodeStatus], dict[str, EndpointSpec], dict[str, ScaleTarget]]:
+        if self._mirrors is not None:
+            nodes, endpoints, targets = self._mirrors
+            return (nodes.values(), {spec.id: spec for spec in endpoints.values()},
+                    {t.endpoint_id: t for t in targets.values()})
         async def nodes() -> list[NodeStatus]:
             return [status async for _, status in self.bus.nodes.items()]
 

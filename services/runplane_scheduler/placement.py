@@ -21,10 +21,13 @@ others of the last free GPU. When nothing fits, the plan says why (`Plan.unplace
 
 from __future__ import annotations
 
+import functools
+import heapq
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -75,9 +78,28 @@ class NodeUse:
     used_gpus: set[str] = field(default_factory=set)
     # Workers in any state, starts in flight and starts planned: each takes a worker slot.
     workers: int = 0
+    # Bumped by every assignment, so cached options for this node can be told apart.
+    version: int = 0
+    _free: dict[str, list[GpuInfo]] | None = None
 
     def slots(self, workers_per_cpu: float) -> int:
         return max(1, math.floor(self.node.cpu_count * workers_per_cpu))
+
+    def free_groups(self) -> dict[str, list[GpuInfo]]:
+        """Free GPUs grouped by normalised name, each group in (index, uuid) order."""
+        if self._free is None:
+            groups: dict[str, list[GpuInfo]] = {}
+            for g in sorted(self.node.gpus, key=lambda g: (g.index, g.uuid)):
+                if g.uuid not in self.used_gpus:
+                    groups.setdefault(_norm(g.name), []).append(g)
+            self._free = groups
+        return self._free
+
+    def assign(self, gpu_uuids: tuple[str, ...]) -> None:
+        self.workers += 1
+        self.used_gpus.update(gpu_uuids)
+        self.version += 1
+        self._free = None
 
 
 @dataclass(frozen=True)
@@ -137,10 +159,12 @@ def _tokens(name: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", name.lower())
 
 
+@functools.lru_cache(maxsize=4096)
 def _norm(name: str) -> str:
     return " ".join(_tokens(name))
 
 
+@functools.lru_cache(maxsize=4096)
 def gpu_matches(type_id: str, gpu_name: str) -> bool:
     """A GPU type id names a GPU when its words appear in the GPU's name, in order and
     whole (`H100` and `NVIDIA H100 80GB HBM3` match; `A10` and `NVIDIA A100` do not),
@@ -149,19 +173,21 @@ def gpu_matches(type_id: str, gpu_name: str) -> bool:
     return bool(wanted) and any(name[i:i + len(wanted)] == wanted for i in range(len(name) - len(wanted) + 1))
 
 
-def _pick_gpus(spec: EndpointSpec, free: list[GpuInfo]) -> tuple[int, tuple[str, ...]] | None:
-    """(preference rank, GPU uuids) for one worker from `free`, or None."""
+def _pick_gpus(spec: EndpointSpec, groups: dict[str, list[GpuInfo]]) -> tuple[int, tuple[str, ...]] | None:
+    """(preference rank, GPU uuids) for one worker from the node's free GPU groups, or None."""
     need = spec.gpu_count
     if spec.gpu_type_ids:
         for rank, type_id in enumerate(spec.gpu_type_ids):
-            matching = [g for g in free if gpu_matches(type_id, g.name)]
-            if len(matching) >= need:
-                return rank, tuple(g.uuid for g in matching[:need])
+            matching_groups = [gs for name, gs in groups.items() if gpu_matches(type_id, name)]
+            if sum(len(gs) for gs in matching_groups) < need:
+                continue
+            if len(matching_groups) == 1:
+                matching = matching_groups[0]
+            else:  # several names match the type: take them in (index, uuid) order
+                matching = sorted((g for gs in matching_groups for g in gs), key=lambda g: (g.index, g.uuid))
+            return rank, tuple(g.uuid for g in matching[:need])
         return None
     # Any type, but one type per worker: the fullest group that still fits (best fit).
-    groups: dict[str, list[GpuInfo]] = {}
-    for g in free:
-        groups.setdefault(_norm(g.name), []).append(g)
     fitting = sorted((len(gs), name) for name, gs in groups.items() if len(gs) >= need)
     if not fitting:
         return None
@@ -183,13 +209,14 @@ def feasible(spec: EndpointSpec, use: NodeUse, *, workers_per_cpu: float,
         return Option(node.node_id, (), 0, slots - use.workers - 1)
     if not node.gpus:
         return "no GPUs"
-    free = sorted((g for g in node.gpus if g.uuid not in use.used_gpus), key=lambda g: (g.index, g.uuid))
-    picked = _pick_gpus(spec, free)
+    groups = use.free_groups()
+    picked = _pick_gpus(spec, groups)
     if picked is None:
-        kinds = ", ".join(sorted({g.name for g in free})) or "none"
-        return f"{len(free)} of {len(node.gpus)} GPUs free ({kinds})"
+        free = sum(len(gs) for gs in groups.values())
+        kinds = ", ".join(sorted({g.name for gs in groups.values() for g in gs})) or "none"
+        return f"{free} of {len(node.gpus)} GPUs free ({kinds})"
     rank, uuids = picked
-    return Option(node.node_id, uuids, rank, len(free) - len(uuids))
+    return Option(node.node_id, uuids, rank, sum(len(gs) for gs in groups.values()) - len(uuids))
 
 
 # -- stage 2: score; stage 3: select -----------------------------------------------------------------
@@ -240,9 +267,56 @@ def summarise(rejected: list[tuple[str, str]], *, examples: int = 3, groups: int
     return "; ".join(parts)
 
 
-def _assign(use: NodeUse, option: Option) -> None:
-    use.workers += 1
-    use.used_gpus.update(option.gpu_uuids)
+def shape(spec: EndpointSpec) -> tuple[int, tuple[str, ...]]:
+    """What feasibility and score depend on: endpoints of one shape rank nodes alike."""
+    return (spec.gpu_count, tuple(spec.gpu_type_ids)) if spec.gpu_count > 0 else (0, ())
+
+
+class Chooser:
+    """`select` for many workers at once, on a large fleet.
+
+    One heap of (score, node) per endpoint shape, built on first use; an assignment
+    bumps the node's version and pushes the node's new option into every heap built so
+    far (an assignment only takes capacity, so no node becomes newly feasible), and
+    entries of an older version are dropped when they surface. The best entry is thus
+    exactly `select`'s choice, at O(log nodes) per worker instead of O(nodes).
+    """
+
+    def __init__(self, use: dict[str, NodeUse], *, workers_per_cpu: float, backoff: dict[str, str]) -> None:
+        self.use = use
+        self.workers_per_cpu = workers_per_cpu
+        self.backoff = backoff
+        self.heaps: dict[tuple[int, tuple[str, ...]], tuple[EndpointSpec, list[tuple[Any, ...]]]] = {}
+
+    def _option(self, spec: EndpointSpec, node_id: str) -> Option | str:
+        return feasible(spec, self.use[node_id], workers_per_cpu=self.workers_per_cpu,
+                        backoff_reason=self.backoff.get(node_id))
+
+    def best(self, spec: EndpointSpec) -> Option | str:
+        key = shape(spec)
+        if key not in self.heaps:
+            entries = []
+            for node_id, u in self.use.items():
+                found = self._option(spec, node_id)
+                if isinstance(found, Option):
+                    entries.append((score(spec, found, u), u.version, found))
+            heapq.heapify(entries)
+            self.heaps[key] = (spec, entries)
+        heap = self.heaps[key][1]
+        while heap:
+            _, version, option = heap[0]
+            if version == self.use[option.node_id].version:
+                return option
+            heapq.heappop(heap)
+        return select(spec, self.use, workers_per_cpu=self.workers_per_cpu, backoff=self.backoff)
+
+    def assign(self, option: Option) -> None:
+        u = self.use[option.node_id]
+        u.assign(option.gpu_uuids)
+        for spec, heap in self.heaps.values():
+            found = self._option(spec, option.node_id)
+            if isinstance(found, Option):
+                heapq.heappush(heap, (score(spec, found, u), u.version, found))
 
 
 # -- the plan ------------------------------------------------------------------------------------------
@@ -282,16 +356,17 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
 
     # Endpoints take turns so that scarce GPUs are shared rather than taken by the first one.
     blocked: dict[str, str] = {}
+    chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=snapshot.backoff)
     while any(n > 0 for ep, n in missing.items() if ep not in blocked):
         for endpoint_id in sorted(missing):
             if missing[endpoint_id] <= 0 or endpoint_id in blocked:
                 continue
             spec = snapshot.endpoints[endpoint_id]
-            chosen = select(spec, use, workers_per_cpu=workers_per_cpu, backoff=snapshot.backoff)
+            chosen = chooser.best(spec)
             if isinstance(chosen, str):
                 blocked[endpoint_id] = chosen
                 continue
-            _assign(use[chosen.node_id], chosen)
+            chooser.assign(chosen)
             missing[endpoint_id] -= 1
             commands.append(Command(node_id=chosen.node_id, endpoint_id=endpoint_id, message=StartWorker(
                 worker_id=new_id(), spec=spec, gpu_uuids=list(chosen.gpu_uuids))))

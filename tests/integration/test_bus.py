@@ -41,3 +41,40 @@ async def test_large_payload_goes_to_object_store(nats_server):
         assert await bus.payloads.load(None, ref) == big
     finally:
         await bus.close()
+
+
+async def test_mirror_follows_puts_and_deletes_and_heals_by_resync(nats_server):
+    from runplane_bus.mirror import Mirror
+    from runplane_testing.waiting import async_wait_until
+
+    bus = await Bus.connect(BusSettings(url=nats_server.url))
+    changed: list[str] = []
+    try:
+        await bus.jobs.put("ep1.before", _record("before"))
+        mirror = await Mirror(bus.jobs, on_change=changed.append).start()
+        assert [v.id for v in mirror.values()] == ["before"]
+        await bus.jobs.put("ep1.j1", _record("j1"))
+        await bus.jobs.put("ep1.j1", _record("j1", status="IN_PROGRESS"))
+
+        async def j1_running():
+            got = mirror.get("ep1.j1")
+            return got is not None and got.status == "IN_PROGRESS"
+
+        await async_wait_until(j1_running, timeout_s=5, what="mirror saw the update")
+        await bus.jobs.delete("ep1.before")
+
+        async def before_gone():
+            return mirror.get("ep1.before") is None
+
+        await async_wait_until(before_gone, timeout_s=5, what="mirror saw the delete")
+        assert "ep1.before" in changed and "ep1.j1" in changed
+        # A gap (as after a missed watch message) is healed by the next resync.
+        mirror._values.pop("ep1.j1")
+        mirror._values["ep1.ghost"] = _record("ghost")
+        mirror._revisions["ep1.ghost"] = 1
+        mirror._revisions["ep1.j1"] = 0
+        await mirror.resync()
+        assert sorted(mirror._values) == ["ep1.j1"] and mirror.get("ep1.j1").status == "IN_PROGRESS"
+        await mirror.stop()
+    finally:
+        await bus.close()

@@ -13,7 +13,8 @@ from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snapshot, split_nodes
-from runplane_scheduler.placement import desired_workers, gpu_matches, live_workers, place
+from runplane_scheduler.placement import (Chooser, Option, desired_workers, gpu_matches, ledger, live_workers,
+                                         place, select)
 
 NOW = 1_700_000_000_000
 
@@ -362,3 +363,34 @@ def test_the_reason_stays_short_on_a_large_fleet():
     assert reasons["ep1"].startswith("no node has a free worker slot: 200 nodes (n0000, n0001, n0002, …): "
                                      "all 4 worker slots used; 2 nodes (d1, d2): draining")
     assert len(reasons["ep1"]) < 300
+
+
+@settings(max_examples=300, deadline=None)
+@given(clusters(), st.lists(st.sampled_from(ENDPOINTS), max_size=12))
+def test_the_heaps_choose_exactly_what_a_scan_of_every_node_chooses(snapshot, turns):
+    """Chooser (heaps per endpoint shape) against `select` (every node, every time)."""
+    fast, slow = ledger(snapshot), ledger(snapshot)
+    chooser = Chooser(fast, workers_per_cpu=1, backoff=snapshot.backoff)
+    for endpoint_id in turns:
+        spec = snapshot.endpoints.get(endpoint_id)
+        if spec is None:
+            continue
+        chosen = chooser.best(spec)
+        expected = select(spec, slow, workers_per_cpu=1, backoff=snapshot.backoff)
+        assert chosen == expected
+        if isinstance(chosen, Option):
+            chooser.assign(chosen)
+            slow[chosen.node_id].assign(chosen.gpu_uuids)
+
+
+def test_a_large_fleet_is_placed_in_one_plan():
+    """8,000 workers of three shapes over 1,000 nodes of 8 GPUs (`./scripts/bench scale` times it)."""
+    nodes = [node(f"n{i:04d}", cpus=32, gpus=[gpu(j, GPU_NAMES[i % 2], f"n{i:04d}") for j in range(8)])
+             for i in range(1000)]
+    endpoints = ([ep(f"h{i}", workers_min=30, gpu_count=1, gpu_type_ids=["H100"]) for i in range(100)]
+                 + [ep(f"a{i}", workers_min=20, gpu_count=2, gpu_type_ids=["A100"]) for i in range(50)]
+                 + [ep(f"c{i}", workers_min=50, gpu_count=0) for i in range(80)])
+    plan = place(snap(nodes, endpoints), NOW, ids(), workers_per_cpu=4)
+    assert len(starts(plan)) == 3000 + 1000 + 4000 and plan.unplaced == []
+    per_node = Counter(node_id for node_id, _, _ in starts(plan))
+    assert max(per_node.values()) <= 32 * 4

@@ -1,0 +1,133 @@
+"""A live in-memory copy of a KV bucket, kept current by a watch.
+
+Services that look at a whole bucket every round (the scheduler reads every node's
+status, every endpoint and every scale target) keep a mirror instead of re-reading the
+bucket: a round then costs nothing on the bus and sees changes within milliseconds.
+
+Correctness does not rest on the watch alone: entries are applied only when their
+revision is newer than what the mirror holds (deletes leave a tombstone revision), and
+the mirror re-reads the whole bucket every `resync_s` and merges it the same way, so a
+watch that missed something (a reconnect, a server restart) heals within one period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from runplane_bus.records import TypedKV
+from runplane_proto.codec import DecodeError
+
+T = TypeVar("T")
+log = structlog.get_logger("runplane.bus.mirror")
+
+_DELETED = ("DEL", "PURGE")
+
+
+class Mirror(Generic[T]):
+    """`await Mirror(typed_kv).start()`, then `mirror.values()`; `on_change(key)` is called
+    (synchronously) for every applied change, e.g. to wake a control loop."""
+
+    def __init__(self, store: TypedKV[T], *, resync_s: float = 30.0,
+                 on_change: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.resync_s = resync_s
+        self.on_change = on_change
+        self._values: dict[str, T] = {}
+        self._revisions: dict[str, int] = {}  # includes tombstones of deleted keys
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watcher: Any = None
+        self.applied = 0  # changes applied (tests and metrics read it)
+
+    async def start(self) -> Mirror[T]:
+        """Watch first, then read everything once: nothing written in between is missed."""
+        self._watcher = await self.store.kv.watch(">")
+        self._tasks.append(asyncio.create_task(self._follow()))
+        await self.resync()
+        self._tasks.append(asyncio.create_task(self._resync_forever()))
+        return self
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+
+    def get(self, key: str) -> T | None:
+        return self._values.get(key)
+
+    def values(self) -> list[T]:
+        return list(self._values.values())
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        return iter(list(self._values.items()))
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    async def resync(self) -> None:
+        """Merge a full read of the bucket (deleted keys absent from it are dropped)."""
+        kv = self.store.kv
+        horizon = (await kv._js.stream_info(kv._stream)).state.last_seq
+        entries = await self.store._scan(">", meta_only=False)
+        seen = set()
+        for entry in entries:
+            seen.add(entry.key)
+            self._apply(entry.key, entry.revision, entry.operation, entry.value)
+        # A key written before the read began and absent from it was deleted meanwhile.
+        for key in [k for k in self._values if k not in seen]:
+            if self._revisions.get(key, 0) <= horizon:
+                self._apply(key, horizon, "DEL", None, force=True)
+
+    def _apply(self, key: str, revision: int, operation: str | None, data: bytes | None, *,
+               force: bool = False) -> None:
+        if not force and revision <= self._revisions.get(key, 0):
+            return
+        self._revisions[key] = revision
+        if operation in _DELETED or data is None:
+            if self._values.pop(key, None) is None and not force:
+                return
+        else:
+            try:
+                self._values[key] = self.store.codec.decode(data)
+            except DecodeError:
+                log.warning("undecodable value skipped", bucket=self.store.kv._name, key=key)
+                return
+        self.applied += 1
+        if self.on_change is not None:
+            self.on_change(key)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                entry = await self._watcher.updates(timeout=5.0)
+            except NatsTimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep following; the periodic resync heals gaps
+                log.warning("watch read failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if entry is not None:
+                self._apply(entry.key, entry.revision, entry.operation, entry.value)
+
+    async def _resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_s)
+            try:
+                await self.resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("resync failed", error=repr(exc))
