@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nats.js.api as api
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from runplane_proto import subjects as s
 
@@ -66,32 +66,43 @@ async def _bucket(js: JetStreamContext, config: api.KeyValueConfig) -> None:
 
 
 async def ensure_job_consumer(js: JetStreamContext, endpoint_id: str, *, ack_wait_s: float = 30.0) -> None:
-    """Create the endpoint's shared durable pull consumer if it does not exist yet.
+    """Make sure the endpoint's shared durable pull consumer exists and takes both its queues.
 
-    Only created when missing, so services with different `ack_wait_s` settings never
-    fight over its config; the first creator's settings win.
+    Created only when missing, so services with different `ack_wait_s` settings never
+    fight over its config; the first creator's settings win. A consumer made by an older
+    version (one filter, `rp.jobs.<endpoint>`) is updated in place to take the low-priority
+    queue too, keeping its position and every other setting. (Recreating it would redeliver
+    the jobs in flight at once.)
     """
-    from nats.js.errors import NotFoundError
-
     durable = s.job_consumer(endpoint_id)
     try:
-        await js.consumer_info(s.STREAM_JOBS, durable)
-        return
+        info = await js.consumer_info(s.STREAM_JOBS, durable)
     except NotFoundError:
-        pass
-    try:
-        await js.add_consumer(s.STREAM_JOBS, api.ConsumerConfig(
-            durable_name=durable, filter_subject=s.job_queue(endpoint_id),
-            ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=-1,
-            max_ack_pending=-1, deliver_policy=api.DeliverPolicy.ALL,
-        ))
-    except BadRequestError:
-        await js.consumer_info(s.STREAM_JOBS, durable)
+        info = None
+    if info is None:
+        try:
+            await js.add_consumer(s.STREAM_JOBS, api.ConsumerConfig(
+                durable_name=durable, filter_subjects=s.job_queues(endpoint_id),
+                ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait_s, max_deliver=-1,
+                max_ack_pending=-1, deliver_policy=api.DeliverPolicy.ALL,
+            ))
+            return
+        except BadRequestError:  # created meanwhile by another service, perhaps an older one
+            info = await js.consumer_info(s.STREAM_JOBS, durable)
+    if job_consumer_outdated(info.config, endpoint_id):
+        await js.add_consumer(s.STREAM_JOBS, info.config.evolve(
+            filter_subject=None, filter_subjects=s.job_queues(endpoint_id)))
+
+
+def job_consumer_outdated(config: api.ConsumerConfig, endpoint_id: str) -> bool:
+    """Whether the endpoint's consumer lacks one of the endpoint's queues in its filters."""
+    filters = set(config.filter_subjects or ())
+    if config.filter_subject:
+        filters.add(config.filter_subject)
+    return not set(s.job_queues(endpoint_id)) <= filters
 
 
 async def delete_job_consumer(js: JetStreamContext, endpoint_id: str) -> None:
-    from nats.js.errors import NotFoundError
-
     try:
         await js.delete_consumer(s.STREAM_JOBS, s.job_consumer(endpoint_id))
     except NotFoundError:

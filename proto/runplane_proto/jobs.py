@@ -64,7 +64,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):
-    """A message on stream JOBS, subject `rp.jobs.<endpoint>`; acked when the job is terminal."""
+    """A message on stream JOBS, subject `rp.jobs.<endpoint>` (`rp.jobs.<endpoint>.low` when
+    `low_priority`); acked when the job is terminal."""
 
     job_id: JobId
     endpoint_id: EndpointId

@@ -30,6 +30,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     idle_since_ms: int = 0
     jobs: list[JobId] = []
     gpu_uuids: list[str] = []
+    # Those of `jobs` submitted with `policy.lowPriority` (the autoscaler counts them apart).
+    low_priority_jobs: list[JobId] = []
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -36,8 +36,16 @@ ALL_CANCELS = "rp.endpoint.*.cancel"
 WEBHOOK_CONSUMER = "webhooks"
 
 
-def job_queue(endpoint_id: str) -> str:
-    return f"rp.jobs.{check_id(endpoint_id, 'endpoint')}"
+def job_queue(endpoint_id: str, *, low_priority: bool = False) -> str:
+    """Where a job is queued: `rp.jobs.<endpoint>`, or `rp.jobs.<endpoint>.low` for a
+    low-priority one, so the autoscaler can count those apart (they never scale up)."""
+    queue = f"rp.jobs.{check_id(endpoint_id, 'endpoint')}"
+    return f"{queue}.low" if low_priority else queue
+
+
+def job_queues(endpoint_id: str) -> list[str]:
+    """Both queues of an endpoint: the filters of its one consumer, so delivery stays FIFO."""
+    return [job_queue(endpoint_id), job_queue(endpoint_id, low_priority=True)]
 
 
 def job_consumer(endpoint_id: str) -> str:
@@ -114,10 +122,15 @@ class Channel:
 
 REGISTRY: tuple[Channel, ...] = (
     Channel("job queue", "rp.jobs.<endpoint>", f"jetstream {STREAM_JOBS} (work queue)", jobs.JobQueued,
-            ("gateway",), ("node-agent", "autoscaler (consumer info only)"),
+            ("gateway",), ("node-agent", "autoscaler (consumer and stream info only)"),
             "One message per accepted job; acked only when the job is terminal. Durable pull consumer "
-            "`ep-<endpoint>` shared by all node agents; `in_progress` while running; redelivered after "
-            "`ack_wait` when an agent dies."),
+            "`ep-<endpoint>` (filters `rp.jobs.<endpoint>` and `rp.jobs.<endpoint>.low`) shared by all "
+            "node agents; `in_progress` while running; redelivered after `ack_wait` when an agent dies."),
+    Channel("low-priority job queue", "rp.jobs.<endpoint>.low", f"jetstream {STREAM_JOBS} (work queue)",
+            jobs.JobQueued, ("gateway",), ("node-agent", "autoscaler (message counts only)"),
+            "A job submitted with `policy.lowPriority`: taken by the same consumer `ep-<endpoint>` "
+            "(filters on both queues, one FIFO), but counted apart so it never makes the autoscaler "
+            "add a worker; it runs on workers that exist for other reasons, or expires by its TTL."),
     Channel("job events", "rp.job.<job>.events", "core", jobs.JobEvent,
             ("node-agent", "gateway", "scheduler"), ("gateway"),
             "Status changes (with the record) and stream-chunk notices; what /runsync waits on."),

@@ -30,10 +30,14 @@ TICK_SECONDS = Histogram("rp_autoscaler_tick_seconds", "Time one loop iteration 
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 WRITES = Counter("rp_autoscaler_target_writes_total", "Scale targets written to KV")
 DESIRED = Gauge("rp_autoscaler_desired_workers", "Desired workers per endpoint", ["endpoint"])
+# Job counts are of normal jobs; low-priority ones (which never scale up) have their own.
 QUEUED = Gauge("rp_autoscaler_queued_jobs", "Jobs waiting in the endpoint's queue", ["endpoint"])
 IN_PROGRESS = Gauge("rp_autoscaler_in_progress_jobs", "Jobs delivered and not yet acked", ["endpoint"])
 OLDEST_AGE = Gauge("rp_autoscaler_oldest_queued_age_seconds", "Age of the oldest queued job", ["endpoint"])
-PER_ENDPOINT = (DESIRED, QUEUED, IN_PROGRESS, OLDEST_AGE)
+LOW_QUEUED = Gauge("rp_autoscaler_low_priority_queued_jobs", "Low-priority jobs waiting", ["endpoint"])
+LOW_IN_PROGRESS = Gauge("rp_autoscaler_low_priority_in_progress_jobs",
+                        "Low-priority jobs delivered and not yet acked", ["endpoint"])
+PER_ENDPOINT = (DESIRED, QUEUED, IN_PROGRESS, OLDEST_AGE, LOW_QUEUED, LOW_IN_PROGRESS)
 
 
 class Autoscaler:
@@ -89,6 +93,8 @@ class Autoscaler:
             QUEUED.labels(endpoint=endpoint_id).set(s.in_queue)
             IN_PROGRESS.labels(endpoint=endpoint_id).set(s.in_progress)
             OLDEST_AGE.labels(endpoint=endpoint_id).set(s.oldest_queued_age_ms / 1000)
+            LOW_QUEUED.labels(endpoint=endpoint_id).set(s.low_in_queue)
+            LOW_IN_PROGRESS.labels(endpoint=endpoint_id).set(s.low_in_progress)
             try:
                 target, state = decide(spec, s, self.states.get(endpoint_id), now_ms)
             except Exception:

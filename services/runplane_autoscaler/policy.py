@@ -13,7 +13,13 @@ The rules (RunPod's endpoint settings, with hysteresis so a steady load gives a 
   any work, so an endpoint scales from zero as soon as a job is queued;
 * scale down one worker per decision, only once the surplus has lasted `idleTimeout`
   seconds, never to zero before the endpoint had no queued or in-progress work for
-  `idleTimeout` seconds, and never below the number of busy workers.
+  `idleTimeout` seconds, and never below the number of busy workers;
+* low-priority jobs (`policy.lowPriority`) never add a worker: only normal jobs count
+  toward the demand. They run on workers that exist anyway; while there are any, the
+  last worker is kept (its idle window restarts) as for any other work.
+
+`split_by_priority` turns what the sampler reads (consumer and stream counts, the
+jobs node agents report) into the counts of `Signals`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ from runplane_proto.scaling import ScaleTarget
 
 
 class Signals(msgspec.Struct, frozen=True, kw_only=True):
-    """One sample of an endpoint's load (what `signals.sample` reads from the bus)."""
+    """One sample of an endpoint's load (what `signals.sample` reads from the bus).
+
+    `in_queue`, `in_progress` and `oldest_queued_age_ms` are about normal jobs only;
+    low-priority jobs are counted apart in `low_*`.
+    """
 
     in_queue: int = 0
     in_progress: int = 0
@@ -33,6 +43,56 @@ class Signals(msgspec.Struct, frozen=True, kw_only=True):
     workers_total: int = 0
     workers_busy: int = 0
     workers_idle: int = 0
+    low_in_queue: int = 0
+    low_in_progress: int = 0
+
+
+class QueueCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """What the sampler reads about one endpoint's queues, before the split by priority.
+
+    The consumer takes both queues, so its counts mix both priorities; the stream counts
+    the normal queue alone; node agents report the low-priority jobs their workers hold.
+    """
+
+    # Consumer: messages not delivered yet / delivered and not acked (both queues).
+    pending: int = 0
+    ack_pending: int = 0
+    # Stream: messages on the normal queue (not acked: waiting or held).
+    normal_unacked: int = 0
+    # Whether a normal message waits beyond the consumer's position (its oldest was found).
+    normal_waiting: bool = False
+    # Low-priority jobs held by workers on live nodes, as their agents last reported.
+    low_running_reported: int = 0
+
+
+class PrioritySplit(msgspec.Struct, frozen=True, kw_only=True):
+    in_queue: int
+    in_progress: int
+    low_in_queue: int
+    low_in_progress: int
+
+
+def split_by_priority(counts: QueueCounts) -> PrioritySplit:
+    """Split the endpoint's jobs into (normal, low) × (queued, in progress).
+
+    The normal total comes from the stream alone and whether a normal job waits from the
+    queue itself, so the normal counts (all that can scale up) never include low-priority
+    jobs, however stale the agents' reports are. The reports only decide how the rest is
+    split; with counts read at one instant and fresh reports the split is exact.
+    """
+    pending, ack_pending = max(0, counts.pending), max(0, counts.ack_pending)
+    normal = max(0, counts.normal_unacked)
+    low = max(0, pending + ack_pending - normal)
+    # Low-priority jobs in progress: what the agents report, within what the counts allow.
+    low_running_min, low_running_max = max(0, low - pending), min(low, ack_pending)
+    low_running = max(low_running_min, min(counts.low_running_reported, low_running_max))
+    low_queued = max(0, low - low_running)
+    in_queue = min(normal, max(1, pending - low_queued)) if counts.normal_waiting else 0
+    in_progress = normal - in_queue
+    return PrioritySplit(
+        in_queue=in_queue, in_progress=in_progress, low_in_queue=max(0, pending - in_queue),
+        low_in_progress=max(0, ack_pending - in_progress),
+    )
 
 
 class ScaleState(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,6 +151,9 @@ def needed_workers(spec: EndpointSpec, signals: Signals, state: ScaleState, now_
             need, reason = min(current, running), f"nothing queued, {running} in progress"
     if queued + running > 0 and need < 1:
         need, reason = 1, f"{reason}; work needs at least one worker"
+    low = max(0, signals.low_in_queue) + max(0, signals.low_in_progress)
+    if low:
+        reason = f"{reason}; {low} low-priority (never scale up)"
     return need, reason
 
 
@@ -101,7 +164,9 @@ def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
         state = initial_state(spec, now_ms)
     current = clamp(spec, state.desired_workers)
     state = msgspec.structs.replace(state, desired_workers=current)
-    active = signals.in_queue > 0 or signals.in_progress > 0
+    # Low-priority work keeps the last worker like any work; it only never adds one.
+    active = (signals.in_queue > 0 or signals.in_progress > 0 or signals.low_in_queue > 0
+              or signals.low_in_progress > 0)
     last_active = now_ms if active else state.last_active_at_ms
     need, why = needed_workers(spec, signals, state, now_ms)
     last_needed = now_ms if need >= current else state.last_needed_at_ms

@@ -1,4 +1,9 @@
-"""Sample the world for the policy: queue depth and age from JetStream, workers from node status."""
+"""Sample the world for the policy: queue depth and age from JetStream, workers from node status.
+
+Per endpoint: the consumer's counts (both queues), the stream's count of the normal queue,
+and the oldest normal message; low-priority jobs are the difference (see
+`policy.split_by_priority`), so they never look like demand.
+"""
 
 from __future__ import annotations
 
@@ -8,65 +13,98 @@ from dataclasses import dataclass
 
 from nats.js.errors import NotFoundError
 
-from runplane_autoscaler.policy import Signals
+from runplane_autoscaler.policy import QueueCounts, Signals, split_by_priority
 from runplane_bus import Bus
+from runplane_bus.topology import job_consumer_outdated
 from runplane_proto import subjects
 from runplane_proto.nodes import NodeStatus
 
 
-def worker_counts(nodes: Iterable[NodeStatus], now_ms: int, node_loss_timeout_ms: int) -> dict[str, Signals]:
-    """Workers per endpoint on nodes whose heartbeat is fresh (only the worker fields are set).
+@dataclass(frozen=True)
+class WorkerCounts:
+    total: int = 0
+    busy: int = 0
+    idle: int = 0
+    # Low-priority jobs the endpoint's workers hold.
+    low_priority_jobs: int = 0
 
-    A stopping worker is not counted; a worker holding a job (or `running`) is busy.
+
+def worker_counts(nodes: Iterable[NodeStatus], now_ms: int,
+                  node_loss_timeout_ms: int) -> dict[str, WorkerCounts]:
+    """Workers per endpoint on nodes whose heartbeat is fresh.
+
+    A stopping worker is not counted (its low-priority jobs are); a worker holding a job
+    (or `running`) is busy.
     """
     counts: dict[str, list[int]] = {}
     for node in nodes:
         if now_ms - node.heartbeat_at_ms > node_loss_timeout_ms:
             continue
         for worker in node.workers:
+            total_busy_idle_low = counts.setdefault(worker.endpoint_id, [0, 0, 0, 0])
+            total_busy_idle_low[3] += len(worker.low_priority_jobs)
             if worker.state == "stopping":
                 continue
-            total_busy_idle = counts.setdefault(worker.endpoint_id, [0, 0, 0])
-            total_busy_idle[0] += 1
+            total_busy_idle_low[0] += 1
             if worker.state == "running" or worker.jobs:
-                total_busy_idle[1] += 1
+                total_busy_idle_low[1] += 1
             elif worker.state == "idle":
-                total_busy_idle[2] += 1
-    return {
-        ep: Signals(workers_total=total, workers_busy=busy, workers_idle=idle)
-        for ep, (total, busy, idle) in counts.items()
-    }
+                total_busy_idle_low[2] += 1
+    return {ep: WorkerCounts(*c) for ep, c in counts.items()}
 
 
 @dataclass(frozen=True)
 class QueueSample:
-    """Queue depth, in-flight count and oldest queued time of one endpoint, from its consumer."""
+    """What the endpoint's consumer and stream say, and when the oldest normal job was queued."""
 
-    in_queue: int
-    in_progress: int
+    pending: int
+    ack_pending: int
+    normal_unacked: int
     oldest_queued_at_ms: int | None
 
 
 async def sample_queue(bus: Bus, endpoint_id: str, *, ack_wait_s: float) -> QueueSample:
-    """Read the endpoint's durable consumer (creating it if missing) and its oldest queued message."""
+    """Read the endpoint's durable consumer (creating or updating it if needed), the number
+    of messages on its normal queue, and the oldest normal message not delivered yet."""
     durable = subjects.job_consumer(endpoint_id)
+    normal_queue = subjects.job_queue(endpoint_id)
     try:
-        info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
+        info, stream = await asyncio.gather(
+            bus.js.consumer_info(subjects.STREAM_JOBS, durable),
+            bus.js.stream_info(subjects.STREAM_JOBS, subjects_filter=normal_queue))
     except NotFoundError:
         await bus.ensure_job_consumer(endpoint_id, ack_wait_s=ack_wait_s)
-        info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
-    queued = info.num_pending or 0
+        info, stream = await asyncio.gather(
+            bus.js.consumer_info(subjects.STREAM_JOBS, durable),
+            bus.js.stream_info(subjects.STREAM_JOBS, subjects_filter=normal_queue))
+    if job_consumer_outdated(info.config, endpoint_id):  # made by an older version
+        await bus.ensure_job_consumer(endpoint_id, ack_wait_s=ack_wait_s)
+    pending = info.num_pending or 0
+    normal_unacked = (stream.state.subjects or {}).get(normal_queue, 0)
     oldest_at_ms: int | None = None
-    if queued:
+    if pending and normal_unacked:
         next_seq = (info.delivered.stream_seq if info.delivered else 0) + 1
         try:
-            msg = await bus.js.get_msg(subjects.STREAM_JOBS, seq=next_seq,
-                                       subject=subjects.job_queue(endpoint_id), next=True)
-        except NotFoundError:  # taken between the two reads
+            msg = await bus.js.get_msg(subjects.STREAM_JOBS, seq=next_seq, subject=normal_queue, next=True)
+        except NotFoundError:  # only low-priority jobs wait, or the normal ones were taken meanwhile
             msg = None
         if msg is not None and msg.time is not None:
             oldest_at_ms = int(msg.time.timestamp() * 1000)
-    return QueueSample(queued, info.num_ack_pending or 0, oldest_at_ms)
+    return QueueSample(pending, info.num_ack_pending or 0, normal_unacked, oldest_at_ms)
+
+
+def signals_of(queue: QueueSample, workers: WorkerCounts, now_ms: int) -> Signals:
+    """The policy's view of one endpoint from one sample."""
+    split = split_by_priority(QueueCounts(
+        pending=queue.pending, ack_pending=queue.ack_pending, normal_unacked=queue.normal_unacked,
+        normal_waiting=queue.oldest_queued_at_ms is not None, low_running_reported=workers.low_priority_jobs,
+    ))
+    age_ms = 0 if queue.oldest_queued_at_ms is None else max(0, now_ms - queue.oldest_queued_at_ms)
+    return Signals(
+        in_queue=split.in_queue, in_progress=split.in_progress, oldest_queued_age_ms=age_ms,
+        workers_total=workers.total, workers_busy=workers.busy, workers_idle=workers.idle,
+        low_in_queue=split.low_in_queue, low_in_progress=split.low_in_progress,
+    )
 
 
 async def sample(bus: Bus, endpoint_ids: Iterable[str], now_ms: int, *, ack_wait_s: float,
@@ -82,11 +120,6 @@ async def sample(bus: Bus, endpoint_ids: Iterable[str], now_ms: int, *, ack_wait
     for ep, result in zip(ids, results, strict=True):
         if isinstance(result, BaseException):
             errors[ep] = result
-            continue
-        w = workers.get(ep, Signals())
-        age_ms = 0 if result.oldest_queued_at_ms is None else max(0, now_ms - result.oldest_queued_at_ms)
-        signals[ep] = Signals(
-            in_queue=result.in_queue, in_progress=result.in_progress, oldest_queued_age_ms=age_ms,
-            workers_total=w.workers_total, workers_busy=w.workers_busy, workers_idle=w.workers_idle,
-        )
+        else:
+            signals[ep] = signals_of(result, workers.get(ep, WorkerCounts()), now_ms)
     return signals, errors

@@ -38,6 +38,8 @@ class Jobs:
         self.bus = bus
         self.settings = settings
         self.clock = clock
+        # Endpoints whose consumer is known to take the low-priority queue (checked once).
+        self._low_queue_ready: set[str] = set()
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -46,6 +48,8 @@ class Jobs:
         webhook: str | None, extra_json: bytes | None,
     ) -> JobRecord:
         """Save the input, create the record IN_QUEUE and queue the job (both at once)."""
+        if policy.low_priority:
+            await self._low_queue(spec.id)
         if len(input_raw) > INLINE_PAYLOAD_LIMIT_BYTES:
             input_json, input_ref = await self.bus.payloads.save(job_id, "input", input_raw)
         else:
@@ -60,7 +64,8 @@ class Jobs:
                            low_priority=policy.low_priority)
         created, published = await asyncio.gather(
             self.bus.jobs.create(key, record),
-            self.bus.publish_durable(subjects.job_queue(spec.id), queued, msg_id=f"{job_id}:0"),
+            self.bus.publish_durable(subjects.job_queue(spec.id, low_priority=policy.low_priority), queued,
+                                     msg_id=f"{job_id}:0"),
             return_exceptions=True,
         )
         if isinstance(created, BaseException) or isinstance(published, BaseException):
@@ -145,6 +150,8 @@ class Jobs:
             return None
         if record.status not in RETRYABLE:
             raise _not_retryable(job_id, record.status)
+        if record.policy.low_priority:
+            await self._low_queue(spec.id)
         now_ms = self.clock.now_ms()
 
         def requeue(r: JobRecord) -> JobRecord | None:
@@ -161,10 +168,12 @@ class Jobs:
             return None
         if not wrote:
             raise _not_retryable(job_id, new.status)
+        low_priority = new.policy.low_priority
         queued = JobQueued(job_id=job_id, endpoint_id=spec.id, submitted_at_ms=now_ms,
-                           low_priority=new.policy.low_priority)
+                           low_priority=low_priority)
         await asyncio.gather(
-            self.bus.publish_durable(subjects.job_queue(spec.id), queued, msg_id=f"{job_id}:{new.retries}"),
+            self.bus.publish_durable(subjects.job_queue(spec.id, low_priority=low_priority), queued,
+                                     msg_id=f"{job_id}:{new.retries}"),
             self.bus.publish(subjects.job_events(job_id), JobChanged(record=new)),
         )
         if record.output_ref is not None:
@@ -230,6 +239,19 @@ class Jobs:
         await asyncio.gather(*sends)
 
     # -- internals ----------------------------------------------------------------------------
+
+    async def _low_queue(self, endpoint_id: str) -> None:
+        """Before the first low-priority job of an endpoint: make sure its consumer takes the
+        low-priority queue. A consumer made by an older version has only the normal queue, and
+        once updated it would skip low-priority messages published behind its position."""
+        if endpoint_id in self._low_queue_ready:
+            return
+        try:
+            await self.bus.ensure_job_consumer(endpoint_id, ack_wait_s=self.settings.ack_wait_s)
+        except Exception as exc:
+            log.warning("could not check the job consumer", endpoint_id=endpoint_id, error=repr(exc))
+            raise ApiError(503, f"could not queue the job: {type(exc).__name__}") from exc
+        self._low_queue_ready.add(endpoint_id)
 
     def _gone(self, record: JobRecord, now_ms: int) -> bool:
         return is_gone(record, now_ms, result_retention_s=self.settings.result_retention_s,

@@ -336,6 +336,7 @@ class Jobs:
             held = self.held.get(job_id)
             if held is None or held.worker is not worker:
                 worker.jobs.discard(job_id)
+                worker.low_priority_jobs.discard(job_id)
             elif held.stop_reason:
                 await self.let_go(held)
             else:
@@ -403,6 +404,8 @@ class Jobs:
         self._empty.clear()
         worker = held.worker
         worker.jobs.add(held.job_id)
+        if held.record.policy.low_priority:
+            worker.low_priority_jobs.add(held.job_id)
         if len(worker.jobs) == 1:
             self.on_change()
 
@@ -413,6 +416,7 @@ class Jobs:
             if not self.held:
                 self._empty.set()
         worker = held.worker
+        worker.low_priority_jobs.discard(held.job_id)
         if held.job_id in worker.jobs:
             worker.jobs.discard(held.job_id)
             if not worker.jobs:

@@ -46,6 +46,8 @@ class Worker:
         self.removing = False  # stop for good (command, shutdown) rather than recycle
         self.stop_reason = ""
         self.jobs: set[str] = set()
+        # Those of `jobs` submitted as low priority (reported so the autoscaler counts them apart).
+        self.low_priority_jobs: set[str] = set()
         self.started_at_ms = now_ms
         self.idle_since_ms = now_ms
         self.last_seen = time.monotonic()
@@ -70,7 +72,8 @@ class Worker:
     def info(self) -> WorkerInfo:
         return WorkerInfo(worker_id=self.worker_id, endpoint_id=self.endpoint_id, state=self.state,
                           started_at_ms=self.started_at_ms, idle_since_ms=self.idle_since_ms,
-                          jobs=sorted(self.jobs), gpu_uuids=list(self.gpu_uuids))
+                          jobs=sorted(self.jobs), gpu_uuids=list(self.gpu_uuids),
+                          low_priority_jobs=sorted(self.low_priority_jobs & self.jobs))
 
 
 # Called after a worker's process ended, with why; releases the jobs it held.

@@ -193,6 +193,7 @@ async def test_run_writes_the_record_and_queues_the_job(stack: Stack) -> None:
     queued, msg = await stack.agent(ep).take()
     assert queued.job_id == job_id and queued.endpoint_id == ep and queued.low_priority
     assert msg.headers["Nats-Msg-Id"] == f"{job_id}:0"
+    assert msg.subject == subjects.job_queue(ep, low_priority=True)  # counted apart by the autoscaler
 
 
 @pytest.mark.parametrize("content, status, needle", [

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runplane_autoscaler.policy import ScaleState, Signals, decide, initial_state, state_of
+from runplane_autoscaler.policy import (
+    PrioritySplit, QueueCounts, ScaleState, Signals, decide, initial_state, split_by_priority, state_of,
+)
 from runplane_proto.endpoints import EndpointSpec
 
 NOW = 1_000_000_000
@@ -61,6 +63,18 @@ CASES = [
     ("a raised workersMin applies at once", spec(workers_min=3), Signals(), state(1), 3),
     ("a lowered workersMax applies at once", spec(workers_max=1), Signals(in_queue=9), state(4), 1),
     ("workersMax 0 keeps the endpoint off", spec(workers_max=0), Signals(in_queue=9), state(0), 0),
+    ("low priority never scales from zero", spec(), Signals(low_in_queue=5), state(0), 0),
+    ("low priority never scales from zero (QUEUE_DELAY)", spec(scaler_type="QUEUE_DELAY", scaler_value=1),
+     Signals(low_in_queue=5), state(0, up=NOW - 60_000), 0),
+    ("low priority is not demand", spec(), Signals(in_queue=1, low_in_queue=9, low_in_progress=2,
+                                                   workers_busy=2), state(2), 2),
+    ("request count counts normal jobs only", spec(), Signals(in_queue=2, low_in_queue=9), state(1), 2),
+    ("low priority keeps the last worker", spec(), Signals(low_in_queue=1),
+     state(1, active=NOW - 60_000, needed=NOW - 60_000), 1),
+    ("low priority keeps busy workers", spec(), Signals(low_in_progress=2, workers_busy=2),
+     state(2, active=NOW - 60_000, needed=NOW - 60_000), 2),
+    ("low priority keeps no idle surplus", spec(), Signals(low_in_progress=1, workers_busy=1),
+     state(3, active=NOW - 60_000, needed=NOW - 60_000), 2),
 ]
 
 
@@ -112,6 +126,65 @@ def test_steady_load_gives_a_flat_count():
         target, s = decide(endpoint, Signals(in_progress=demand, workers_busy=demand), s, t)
         seen.append(target.desired_workers)
     assert seen[0] == 4 and set(seen) == {4}
+
+
+def test_low_priority_work_is_named_in_the_reason():
+    target, _ = decide(spec(), Signals(low_in_queue=2, low_in_progress=1), state(0), NOW)
+    assert target.desired_workers == 0 and "3 low-priority" in target.reason
+
+
+def test_a_low_priority_job_waits_at_zero_until_normal_work_brings_a_worker():
+    """RunPod's semantics over time: a low-priority job alone never starts a worker; it runs
+    on the worker a normal job brought, which is then kept while low-priority work remains."""
+    endpoint = spec(scaler_type="QUEUE_DELAY", scaler_value=1, idle_timeout_s=2)
+    s: ScaleState | None = None
+    t = NOW
+    for _ in range(60):  # 30 s with one low-priority job waiting
+        t += 500
+        target, s = decide(endpoint, Signals(low_in_queue=1), s, t)
+        assert target.desired_workers == 0, target.reason
+    target, s = decide(endpoint, Signals(in_queue=1, low_in_queue=1), s, t + 500)
+    assert target.desired_workers == 1
+    t += 1_000
+    for _ in range(20):  # the worker runs both, the low-priority one last
+        t += 500
+        target, s = decide(endpoint, Signals(low_in_progress=1, workers_total=1, workers_busy=1), s, t)
+        assert target.desired_workers == 1
+    done = t
+    while target.desired_workers:
+        t += 500
+        target, s = decide(endpoint, Signals(workers_total=1, workers_idle=1), s, t)
+    assert 2_000 <= t - done <= 3_000
+
+
+SPLIT_CASES = [
+    # (name, counts, expected (in_queue, in_progress, low_in_queue, low_in_progress))
+    ("nothing", QueueCounts(), (0, 0, 0, 0)),
+    ("normal only", QueueCounts(pending=3, ack_pending=2, normal_unacked=5, normal_waiting=True), (3, 2, 0, 0)),
+    ("low only, waiting", QueueCounts(pending=4, normal_unacked=0), (0, 0, 4, 0)),
+    ("low only, some running", QueueCounts(pending=4, ack_pending=2, low_running_reported=2), (0, 0, 4, 2)),
+    ("mixed, exact reports", QueueCounts(pending=5, ack_pending=3, normal_unacked=4, normal_waiting=True,
+                                         low_running_reported=1), (2, 2, 3, 1)),
+    ("a low job just taken, not reported yet: fewer normal queued, never more",
+     QueueCounts(pending=4, ack_pending=4, normal_unacked=4, normal_waiting=True, low_running_reported=1),
+     (1, 3, 3, 1)),
+    ("a low job finished, still reported: bounded by what is delivered",
+     QueueCounts(pending=2, ack_pending=0, normal_unacked=1, normal_waiting=True, low_running_reported=3),
+     (1, 0, 1, 0)),
+    ("no normal job waits: none queued, whatever the counts",
+     QueueCounts(pending=3, ack_pending=1, normal_unacked=1, normal_waiting=False), (0, 1, 3, 0)),
+    ("a normal job waits behind low ones the reports missed",
+     QueueCounts(pending=3, ack_pending=3, normal_unacked=1, normal_waiting=True, low_running_reported=0),
+     (1, 0, 2, 3)),
+    ("reads out of step: normal count above the consumer's",
+     QueueCounts(pending=1, ack_pending=0, normal_unacked=2, normal_waiting=True), (1, 1, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("name,counts,expected", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_by_priority_table(name, counts, expected):
+    split = split_by_priority(counts)
+    assert (split.in_queue, split.in_progress, split.low_in_queue, split.low_in_progress) == expected
 
 
 # -- properties ------------------------------------------------------------------------------
@@ -171,3 +244,73 @@ def test_a_sequence_stays_in_bounds_and_settles_at_min_when_idle(endpoint, sampl
         target, s = decide(endpoint, Signals(), s, t)
     assert target.desired_workers == endpoint.workers_min
     assert msgspec.structs.asdict(s)["desired_workers"] == endpoint.workers_min
+
+
+# Low-priority work: properties of the split and of decide.
+
+truths = st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), st.integers(0, 50))
+
+
+def counts_of(normal_queued: int, normal_running: int, low_queued: int, low_running: int,
+              reported: int) -> QueueCounts:
+    return QueueCounts(pending=normal_queued + low_queued, ack_pending=normal_running + low_running,
+                       normal_unacked=normal_queued + normal_running, normal_waiting=normal_queued > 0,
+                       low_running_reported=reported)
+
+
+@settings(max_examples=400, deadline=None)
+@given(truths)
+def test_split_is_exact_when_the_counts_agree(truth):
+    normal_queued, normal_running, low_queued, low_running = truth
+    split = split_by_priority(counts_of(*truth, reported=low_running))
+    assert split == PrioritySplit(in_queue=normal_queued, in_progress=normal_running, low_in_queue=low_queued,
+                                  low_in_progress=low_running)
+
+
+@settings(max_examples=400, deadline=None)
+@given(truths, st.integers(0, 100))
+def test_stale_reports_never_turn_low_priority_jobs_into_demand(truth, reported):
+    """Whatever the agents report, the normal counts (all that can scale up) are the true ones
+    in total, and a normal job counts as queued exactly when one waits."""
+    normal_queued, normal_running, _, _ = truth
+    split = split_by_priority(counts_of(*truth, reported=reported))
+    assert split.in_queue + split.in_progress == normal_queued + normal_running
+    assert (split.in_queue > 0) == (normal_queued > 0)
+    assert min(split.in_queue, split.in_progress, split.low_in_queue, split.low_in_progress) >= 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-5, 50), st.integers(-5, 50), st.integers(-5, 50), st.booleans(), st.integers(-5, 50))
+def test_split_of_inconsistent_reads_stays_sane(pending, ack_pending, normal, waiting, reported):
+    split = split_by_priority(QueueCounts(pending=pending, ack_pending=ack_pending, normal_unacked=normal,
+                                          normal_waiting=waiting, low_running_reported=reported))
+    assert min(split.in_queue, split.in_progress, split.low_in_queue, split.low_in_progress) >= 0
+    assert split.in_queue + split.in_progress == max(0, normal)
+    assert split.in_queue == 0 or waiting
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs, signal_samples, states, st.integers(0, 100_000), st.integers(0, 100), st.integers(0, 50))
+def test_low_priority_work_never_scales_up(endpoint, signals, previous, dt, low_queued, low_running):
+    """Adding low-priority work never raises the target: any rise is one normal work alone
+    would cause; low-priority work may only hold the count."""
+    now = NOW + dt
+    before = initial_state(endpoint, now) if previous is None else previous
+    start = min(endpoint.workers_max, max(endpoint.workers_min, before.desired_workers))
+    without, _ = decide(endpoint, signals, previous, now)
+    low = msgspec.structs.replace(signals, low_in_queue=low_queued, low_in_progress=low_running)
+    with_low, _ = decide(endpoint, low, previous, now)
+    assert with_low.desired_workers <= max(without.desired_workers, start)
+    if with_low.desired_workers > start:
+        assert with_low.desired_workers == without.desired_workers
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs, st.lists(st.tuples(st.integers(0, 100), st.integers(0, 20)), min_size=1, max_size=40))
+def test_only_low_priority_work_keeps_an_endpoint_at_workers_min(endpoint, lows):
+    s: ScaleState | None = None
+    t = NOW
+    for queued, running in lows:
+        t += 500
+        target, s = decide(endpoint, Signals(low_in_queue=queued, low_in_progress=running), s, t)
+        assert target.desired_workers == endpoint.workers_min, target.reason
