@@ -109,19 +109,20 @@ async def wait_worker_state(bus: Bus, node_id: str, worker_id: str, state: str, 
 async def submit(bus: Bus, endpoint_id: str, job_input: object, *, job_id: str | None = None,
                  execution_timeout_ms: int = 600_000, ttl_ms: int = 86_400_000,
                  webhook: str | None = None, extra: dict | None = None,
-                 submitted_at_ms: int | None = None) -> str:
+                 submitted_at_ms: int | None = None, low_priority: bool = False) -> str:
     """Create the record IN_QUEUE and publish JobQueued, like the gateway."""
     job_id = job_id or f"{uuid.uuid4()}-r1"
     now_ms = submitted_at_ms if submitted_at_ms is not None else int(time.time() * 1000)
     record = JobRecord(
         id=job_id, endpoint_id=endpoint_id, status="IN_QUEUE", submitted_at_ms=now_ms,
-        policy=JobPolicy(execution_timeout_ms=execution_timeout_ms, ttl_ms=ttl_ms),
+        policy=JobPolicy(execution_timeout_ms=execution_timeout_ms, ttl_ms=ttl_ms, low_priority=low_priority),
         input_json=json.dumps(job_input).encode(), webhook=webhook,
         extra_json=json.dumps(extra).encode() if extra else None,
     )
     await bus.jobs.create(s.job_key(endpoint_id, job_id), record)
-    await bus.publish_durable(s.job_queue(endpoint_id),
-                              JobQueued(job_id=job_id, endpoint_id=endpoint_id, submitted_at_ms=now_ms),
+    await bus.publish_durable(s.job_queue(endpoint_id, low_priority=low_priority),
+                              JobQueued(job_id=job_id, endpoint_id=endpoint_id, submitted_at_ms=now_ms,
+                                        low_priority=low_priority),
                               msg_id=f"{job_id}:0")
     return job_id
 
