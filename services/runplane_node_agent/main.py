@@ -12,6 +12,8 @@ import structlog
 import uvicorn
 from msgspec.structs import replace
 from runplane_bus import Bus
+from runplane_proto import subjects as s
+from runplane_proto.endpoints import EndpointSpec
 from runplane_service import logs
 from runplane_service.clock import Clock
 from runplane_service.env import SettingsError, bus_settings
@@ -24,7 +26,7 @@ from runplane_node_agent.commands import Commands
 from runplane_node_agent.inventory.host import GpuInventory, HostInventory
 from runplane_node_agent.jobs import Jobs
 from runplane_node_agent.node_status import StatusPublisher
-from runplane_node_agent.settings import AgentSettings, from_env
+from runplane_node_agent.settings import ANY_HOST, AgentSettings, from_env
 from runplane_node_agent.supervisor import Supervisor
 from runplane_node_agent.worker_api import WorkerApi
 
@@ -46,6 +48,8 @@ class NodeAgent:
     url: str
     status_task: asyncio.Task
     housekeeping_task: asyncio.Task
+    # Also serving the worker API where the runtime's workers are (a container bridge).
+    worker_server: uvicorn.Server | None = None
 
     async def shutdown(self) -> None:
         """Stop taking work, let held jobs finish within the grace period, give the rest
@@ -62,9 +66,13 @@ class NodeAgent:
         await self.status.remove()
         self.http_stop.set()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (
-                any(s.is_serving() for s in self.server.servers) or self.server.server_state.tasks):
+        servers = [self.server] if self.worker_server is None else [self.server, self.worker_server]
+        while time.monotonic() < deadline and any(_serving(server) for server in servers):
             await asyncio.sleep(0.02)
+
+
+def _serving(server: uvicorn.Server) -> bool:
+    return any(s.is_serving() for s in server.servers) or bool(server.server_state.tasks)
 
 
 async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack, *,
@@ -73,13 +81,14 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     clock = clock or Clock()
     bus = await Bus.connect(replace(bus_settings("node-agent"), url=settings.nats_url))
     stack.push_async_callback(bus.close)
-    runtime = runtimes.create(settings.runtime)
+    runtime = await runtimes.open_runtime(settings)
     stack.push_async_callback(runtime.close)
     inventory = HostInventory(gpus)
     stack.callback(inventory.close)
 
     supervisor = Supervisor(runtime, settings, clock, on_change=lambda: status.changed(),
-                            gpu_names=lambda uuids: status.gpu_names(uuids))
+                            gpu_names=lambda uuids: status.gpu_names(uuids),
+                            base_env=None if runtime.inherits_host_env else {})
     status = StatusPublisher(bus, settings, inventory, runtime, supervisor, clock)
     await status.read_gpus()
     jobs = Jobs(bus, settings, clock, supervisor, on_change=status.changed)
@@ -88,7 +97,12 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     app = Starlette(routes=WorkerApi(supervisor, jobs).routes() + list(METRICS_ROUTES))
     http_stop = asyncio.Event()
     server = await serve_http(app, settings.host, settings.port, http_stop)
-    supervisor.base_url = settings.worker_base_url(bound_port(server))
+    port = bound_port(server)
+    worker_server = None
+    if runtime.worker_host and settings.host not in ANY_HOST:  # also where the workers are
+        worker_server = await serve_http(app, runtime.worker_host, port, http_stop)
+    supervisor.base_url = settings.worker_base_url(port, runtime.worker_host)
+    await supervisor.adopt(lambda endpoint_id: _endpoint_spec(bus, endpoint_id))
 
     await Commands(bus, settings.node_id, supervisor, jobs).subscribe()
     await status.write()  # visible to the scheduler before the first heartbeat
@@ -97,7 +111,12 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     log.info("node agent ready", node_id=settings.node_id, url=supervisor.base_url, runtime=runtime.name,
              gpus=len(status.gpus.gpus))
     return NodeAgent(settings, bus, supervisor, jobs, status, server, http_stop, supervisor.base_url,
-                     status_task, housekeeping_task)
+                     status_task, housekeeping_task, worker_server)
+
+
+async def _endpoint_spec(bus: Bus, endpoint_id: str) -> EndpointSpec | None:
+    entry = await bus.endpoints.get(s.endpoint_key(endpoint_id))
+    return entry.value if entry is not None else None
 
 
 async def _housekeeping(jobs: Jobs, supervisor: Supervisor) -> None:

@@ -11,6 +11,8 @@ from runplane_service.env import SettingsError, env_float, env_int, env_opt, env
 
 # Workers give up on a take after 90 s (runpod SDK); our long-poll must end well before.
 WORKER_TAKE_TIMEOUT_S = 90.0
+RUNTIMES = ("process", "docker", "auto")
+ANY_HOST = ("0.0.0.0", "::", "")
 
 
 class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -21,7 +23,11 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8100
     # Base URL workers use to reach the agent; None: http://<host>:<port>.
     url: str | None = None
+    # process | docker | auto (docker when an engine answers, else process).
     runtime: str = "process"
+    # Limits for each container worker (docker runtime); 0: none.
+    worker_memory_mb: int = 0
+    worker_cpus: float = 0.0
     ack_wait_s: float = 30.0
     max_attempts: int = 3
     heartbeat_s: float = 1.0
@@ -36,10 +42,11 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
         """How often a held JetStream message is told we are still working on it."""
         return self.ack_wait_s / 3
 
-    def worker_base_url(self, bound_port: int) -> str:
+    def worker_base_url(self, bound_port: int, worker_host: str | None = None) -> str:
+        """`worker_host`: where the runtime's workers reach this host (a container bridge)."""
         if self.url:
             return self.url.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = worker_host or ("127.0.0.1" if self.host in ANY_HOST else self.host)
         return f"http://{host}:{bound_port}"
 
 
@@ -61,6 +68,8 @@ def from_env() -> AgentSettings:
         port=env_int("RP_AGENT_PORT", 8100),
         url=env_opt("RP_AGENT_URL"),
         runtime=env_str("RP_RUNTIME", "process"),
+        worker_memory_mb=env_int("RP_WORKER_MEMORY_MB", 0),
+        worker_cpus=env_float("RP_WORKER_CPUS", 0.0),
         ack_wait_s=env_float("RP_ACK_WAIT_S", 30.0),
         max_attempts=env_int("RP_MAX_ATTEMPTS", 3),
         heartbeat_s=env_float("RP_HEARTBEAT_S", 1.0),
@@ -89,3 +98,11 @@ def check(settings: AgentSettings) -> None:
         raise SettingsError("RP_WORKER_PING_INTERVAL_MS must be at least 1000")
     if not 0 <= settings.port < 65536:
         raise SettingsError("RP_AGENT_PORT must be a port number")
+    if settings.runtime not in RUNTIMES:
+        raise SettingsError(f"RP_RUNTIME must be one of {', '.join(RUNTIMES)}, got {settings.runtime!r}")
+    if settings.runtime != "process" and settings.port == 0 and not settings.url:
+        # Containers outlive the agent and keep the URL they were given: it must not change.
+        raise SettingsError(f"RP_RUNTIME={settings.runtime} needs a fixed RP_AGENT_PORT (or RP_AGENT_URL), "
+                            "not 0")
+    if settings.worker_memory_mb < 0 or settings.worker_cpus < 0:
+        raise SettingsError("RP_WORKER_MEMORY_MB and RP_WORKER_CPUS must not be negative")

@@ -21,7 +21,14 @@ from runplane_proto.nodes import CommandReply, StartWorker, StopWorker, WorkerIn
 from runplane_service.clock import Clock
 
 from runplane_node_agent import metrics
-from runplane_node_agent.runtimes.base import Launch, OutputSink, RunningWorker, Runtime, RuntimeFailure
+from runplane_node_agent.runtimes.base import (
+    Adopted,
+    Launch,
+    OutputSink,
+    RunningWorker,
+    Runtime,
+    RuntimeFailure,
+)
 from runplane_node_agent.settings import AgentSettings
 
 log = structlog.get_logger("runplane.node_agent.supervisor")
@@ -103,8 +110,6 @@ class Supervisor:
             return CommandReply(ok=True)  # idempotent by worker id
         if self.closing:
             return CommandReply(ok=False, error="node is draining")
-        if not cmd.spec.command:
-            return CommandReply(ok=False, error="endpoint has no command for the process runtime")
         if cmd.gpu_uuids:
             names = self.gpu_names(tuple(cmd.gpu_uuids))
             if names is None:
@@ -153,11 +158,34 @@ class Supervisor:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.settings.stop_grace_s + 1)
 
+    async def adopt(self, spec_of: Callable[[str], Awaitable[EndpointSpec | None]]) -> None:
+        """Take over the workers an earlier agent on this node left running (containers outlive
+        the agent); those of deleted endpoints are stopped. Before any command is taken."""
+        found: list[Adopted] = await self.runtime.adopt(self.base_url, _output_sink)
+        for adopted in found:
+            spec = await spec_of(adopted.endpoint_id)
+            if spec is None:
+                log.info("stopping a worker of a deleted endpoint", worker_id=adopted.worker_id,
+                         endpoint_id=adopted.endpoint_id)
+                self._spawn_task(adopted.handle.stop(self.settings.stop_grace_s))
+                continue
+            cmd = StartWorker(worker_id=adopted.worker_id, spec=spec, gpu_uuids=list(adopted.gpu_uuids))
+            worker = Worker(cmd, self.clock.now_ms())
+            worker.token = adopted.token
+            worker.generation = 1
+            worker.handle = adopted.handle
+            self.workers[worker.worker_id] = worker
+            self._spawn_task(self._watch(worker, worker.generation, adopted.handle))
+        if found:
+            self.on_change()
+
     # -- liveness ---------------------------------------------------------------------------
 
     def mark_ready(self, worker: Worker) -> None:
         if not worker.ready:
             worker.ready = True
+            log.info("worker ready", worker_id=worker.worker_id, endpoint_id=worker.endpoint_id,
+                     startup_ms=self.clock.now_ms() - worker.started_at_ms)
             self.on_change()
 
     def pinged(self, worker: Worker, job_ids: frozenset[str], version: str | None, status: str | None,
@@ -228,15 +256,16 @@ class Supervisor:
         if self.workers.get(worker.worker_id) is not worker or worker.generation != generation:
             return
         why = worker.stop_reason or "exited"
+        detail = f" ({handle.exit_detail})" if handle.exit_detail else ""
         log.info("worker exited", worker_id=worker.worker_id, endpoint_id=worker.endpoint_id,
-                 code=code, why=why)
+                 code=code, why=why, detail=handle.exit_detail or None)
         metrics.WORKER_EXITS.labels(endpoint=worker.endpoint_id,
                                     why="recycle" if worker.stopping and not worker.removing
                                     else "stop" if worker.stopping else "exit").inc()
         worker.handle = None
         if self.release_jobs is not None and worker.jobs:
-            await self.release_jobs(worker, f"worker {why} (exit code {code})" if worker.stopping
-                                    else f"worker exited with code {code}")
+            await self.release_jobs(worker, f"worker {why} (exit code {code}){detail}" if worker.stopping
+                                    else f"worker exited with code {code}{detail}")
         if worker.stopping and not worker.removing and not self.closing:
             await self._restart(worker)
         else:

@@ -16,6 +16,10 @@ class Capability(enum.StrEnum):
     PAUSE = "pause"
     # Hand GPUs to a worker (CUDA_VISIBLE_DEVICES / device requests).
     GPU = "gpu"
+    # Save a worker's filesystem as an image to start later workers from (docker commit).
+    SNAPSHOT = "snapshot"
+    # Save a running worker's memory and restore it elsewhere or later (CRIU).
+    CHECKPOINT = "checkpoint"
 
 
 class RuntimeFailure(Exception):
@@ -49,6 +53,8 @@ class RunningWorker(abc.ABC):
 
     worker_id: str
     pid: int | None = None
+    # Why it exited, beyond the exit code ("out of memory"); set by the time `wait()` returns.
+    exit_detail: str = ""
 
     @abc.abstractmethod
     async def wait(self) -> int: ...
@@ -62,9 +68,29 @@ class RunningWorker(abc.ABC):
         """Kill the worker and anything it started, now."""
 
 
+@dataclass
+class Adopted:
+    """A worker still running from an earlier agent on this node, found by its labels."""
+
+    worker_id: str
+    endpoint_id: str
+    gpu_uuids: tuple[str, ...]
+    token: str
+    handle: RunningWorker
+
+
 class Runtime(abc.ABC):
     name: str
     capabilities: frozenset[Capability]
+    # Workers get the agent's environment (less RP_*) under the endpoint's; False for
+    # images, which bring their own (PATH, HOME, ...).
+    inherits_host_env: bool = True
+    # The address workers reach the agent at when it is not the agent's own host (a
+    # container bridge): the agent listens there too and builds the worker URLs from it.
+    worker_host: str | None = None
+
+    async def open(self) -> None:
+        """Connect and detect capabilities (once, before the first worker)."""
 
     @abc.abstractmethod
     async def start(self, launch: Launch, output: OutputSink) -> RunningWorker: ...
@@ -74,6 +100,12 @@ class Runtime(abc.ABC):
 
     async def resume(self, worker: RunningWorker) -> None:
         raise NotSupported(f"{self.name} runtime cannot resume workers")
+
+    async def adopt(self, agent_url: str, output: Callable[[str, str], OutputSink]) -> list[Adopted]:
+        """Workers an earlier agent on this node left running that can still reach the agent at
+        `agent_url`; the rest are removed. `output(worker_id, endpoint_id)` gives their log sinks.
+        Runtimes whose workers die with the agent find none."""
+        return []
 
     async def close(self) -> None:
         """Release what the runtime holds (workers are stopped by the supervisor first)."""
