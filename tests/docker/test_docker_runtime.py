@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from runplane_testing.waiting import wait_until
 from tests.docker.conftest import WORKER_IMAGE, containers, docker, run_sync
 
 pytestmark = pytest.mark.docker
@@ -120,3 +121,15 @@ def test_node_reports_docker_capabilities_without_checkpoint(cluster, echo):
     line = next(line for line in logs.splitlines() if "docker runtime ready" in line)
     assert "pause" in line and "snapshot" in line and "checkpoint" not in line
     assert docker("network", "inspect", f"runplane-{cluster.docker_node}")
+
+
+def test_silent_container_is_recycled(cluster, echo):
+    [frozen] = worker_containers(cluster, echo)
+    worker_id = frozen["Config"]["Labels"]["runplane.worker_id"]
+    docker("pause", frozen["Id"])  # alive but silent: no pings, no polls
+    wait_until(lambda: frozen["Id"] not in docker("ps", "-aq", "--no-trunc"), timeout_s=60, interval_s=0.5,
+               what="the silent container removed")
+    logs = cluster.services[cluster.docker_node].log_text()
+    assert re.search(rf"recycling worker .*reason='no ping for 3 s'.* worker_id={worker_id}", logs)
+    cluster.wait_workers(echo, 1, timeout_s=60)
+    assert run_sync(cluster, echo, {"text": "after silence"})["status"] == "COMPLETED"
