@@ -36,6 +36,16 @@ def worker_containers(cluster, endpoint_id: str) -> list[dict]:
             if c["Config"]["Labels"].get("runplane.endpoint_id") == endpoint_id]
 
 
+def primary_address() -> str | None:
+    """This host's address on its default route (no packet is sent), None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        return sock.getsockname()[0]
+
+
 def test_runpod_sdk_job_completes_through_the_gateway(cluster, echo):
     import runpod
 
@@ -77,7 +87,7 @@ def test_worker_reaches_the_agent_but_not_nats_nor_other_host_ports(cluster, ech
     agent_url = dict(e.split("=", 1) for e in container["Config"]["Env"])["RUNPOD_WEBHOOK_PING"]
     gateway, agent_port = re.match(r"http://([\d.]+):(\d+)/", agent_url).groups()
     nats_port = cluster.nats.port
-    host_ip = socket.gethostbyname(socket.gethostname())
+    host_ip = primary_address() or gateway
     # Something listening on every address of this host: still out of the workers' reach.
     with socket.create_server(("0.0.0.0", 0)) as listener:
         open_port = listener.getsockname()[1]
