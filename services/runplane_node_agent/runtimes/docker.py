@@ -22,6 +22,7 @@ import math
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiodocker
@@ -301,7 +302,7 @@ class DockerRuntime(Runtime):
         mine = json.dumps({"label": [f"{LABEL_NODE}={self.node_id}"]})
         return await self.docker.containers.list(all=True, filters=mine)
 
-    async def adopt(self, agent_url: str, output) -> list[Adopted]:
+    async def adopt(self, agent_url: str, output: Callable[[str, str], OutputSink]) -> list[Adopted]:
         assert self.docker is not None
         shown = []
         for container in await self._containers():
