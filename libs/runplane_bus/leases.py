@@ -28,11 +28,15 @@ class LeaseKeeper:
         self.leading = False
         self._revision: int | None = None
         self._acquired_at_ms = 0
+        self._renewed_at_ms = 0
 
     async def hold(self) -> bool:
         """Renew or take the lease if possible; True while this process leads. Call it more
         often than the TTL. On any doubt (a lost race, NATS trouble) it answers False."""
         was_leading = self.leading
+        if was_leading and self.clock.now_ms() - self._renewed_at_ms < self.ttl_ms // 3:
+            # Renewed moments ago: still ours for at least 2/3 of the TTL, no round trip needed.
+            return True
         try:
             self.leading = await self._try()
         except Conflict:
@@ -58,6 +62,7 @@ class LeaseKeeper:
             self._revision = await self.kv.create(self.key, lease)
         else:
             self._revision = await self.kv.update(self.key, lease, current.revision)
+        self._renewed_at_ms = now_ms
         return True
 
     async def release(self) -> None:

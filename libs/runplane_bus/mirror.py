@@ -30,11 +30,12 @@ _DELETED = ("DEL", "PURGE")
 
 
 class Mirror(Generic[T]):
-    """`await Mirror(typed_kv).start()`, then `mirror.values()`; `on_change(key)` is called
-    (synchronously) for every applied change, e.g. to wake a control loop."""
+    """`await Mirror(typed_kv).start()`, then `mirror.values()`; `on_change(key, old, new)`
+    is called (synchronously) for every applied change, None standing for "absent", e.g. to
+    wake a control loop when something it cares about changed."""
 
     def __init__(self, store: TypedKV[T], *, resync_s: float = 30.0,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str, T | None, T | None], None] | None = None) -> None:
         self.store = store
         self.resync_s = resync_s
         self.on_change = on_change
@@ -94,18 +95,20 @@ class Mirror(Generic[T]):
         if not force and revision <= self._revisions.get(key, 0):
             return
         self._revisions[key] = revision
+        old = self._values.get(key)
+        new: T | None = None
         if operation in _DELETED or data is None:
             if self._values.pop(key, None) is None and not force:
                 return
         else:
             try:
-                self._values[key] = self.store.codec.decode(data)
+                new = self._values[key] = self.store.codec.decode(data)
             except DecodeError:
                 log.warning("undecodable value skipped", bucket=self.store.kv._name, key=key)
                 return
         self.applied += 1
         if self.on_change is not None:
-            self.on_change(key)
+            self.on_change(key, old, new)
 
     async def _follow(self) -> None:
         while True:

@@ -62,12 +62,18 @@ class Scheduler:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("scheduler running", interval_s=self.settings.schedule_interval_s)
         wake = asyncio.Event()
-        # Live copies of the buckets each round looks at; a new endpoint or scale target
-        # wakes the loop at once (heartbeats do not: the interval covers node changes).
+        # Live copies of the buckets each round looks at. A changed endpoint or a new worker
+        # count wakes the loop at once; heartbeats and the autoscaler's state refreshes do
+        # not (the interval covers them).
+
+        def count_changed(_: str, old: ScaleTarget | None, new: ScaleTarget | None) -> None:
+            if (old and old.desired_workers) != (new and new.desired_workers):
+                wake.set()
+
         self._mirrors = (
             Mirror(self.bus.nodes),
-            Mirror(self.bus.endpoints, on_change=lambda _: wake.set()),
-            Mirror(self.bus.scale, on_change=lambda _: wake.set()),
+            Mirror(self.bus.endpoints, on_change=lambda *_: wake.set()),
+            Mirror(self.bus.scale, on_change=count_changed),
         )
         try:
             for mirror in self._mirrors:

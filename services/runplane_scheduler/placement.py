@@ -350,7 +350,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
             surplus, why = len(workers) - want, f"surplus: {len(workers)} workers, {want} wanted"
             if surplus < 0:
                 missing[endpoint_id] = -surplus
-        for victim in _idle_first(workers)[:max(0, surplus)]:
+        for victim in (_idle_first(workers)[:surplus] if surplus > 0 else ()):
             commands.append(Command(node_id=victim.node_id, endpoint_id=endpoint_id,
                                     message=StopWorker(worker_id=victim.worker_id, reason=why)))
 

@@ -49,9 +49,14 @@ async def test_mirror_follows_puts_and_deletes_and_heals_by_resync(nats_server):
 
     bus = await Bus.connect(BusSettings(url=nats_server.url))
     changed: list[str] = []
+    transitions: list[tuple[str, str | None, str | None]] = []
+
+    def on_change(key, old, new):
+        changed.append(key)
+        transitions.append((key, old and old.status, new and new.status))
     try:
         await bus.jobs.put("ep1.before", _record("before"))
-        mirror = await Mirror(bus.jobs, on_change=changed.append).start()
+        mirror = await Mirror(bus.jobs, on_change=on_change).start()
         assert [v.id for v in mirror.values()] == ["before"]
         await bus.jobs.put("ep1.j1", _record("j1"))
         await bus.jobs.put("ep1.j1", _record("j1", status="IN_PROGRESS"))
@@ -68,6 +73,8 @@ async def test_mirror_follows_puts_and_deletes_and_heals_by_resync(nats_server):
 
         await async_wait_until(before_gone, timeout_s=5, what="mirror saw the delete")
         assert "ep1.before" in changed and "ep1.j1" in changed
+        assert ("ep1.j1", "IN_QUEUE", "IN_PROGRESS") in transitions
+        assert ("ep1.before", "IN_QUEUE", None) in transitions
         # A gap (as after a missed watch message) is healed by the next resync.
         mirror._values.pop("ep1.j1")
         mirror._values["ep1.ghost"] = _record("ghost")

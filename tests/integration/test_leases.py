@@ -15,9 +15,14 @@ async def test_one_leader_takeover_on_expiry_and_release(nats_server):
         a = LeaseKeeper(bus.leases, "scheduler", "a", ttl_s=5, clock=clock)
         b = LeaseKeeper(bus.leases, "scheduler", "b", ttl_s=5, clock=clock)
         assert await a.hold() is True
+        first = await bus.leases.get("scheduler")
+        clock.advance(1)
+        assert await a.hold() is True  # renewed under a third of the TTL ago: no write
+        assert (await bus.leases.get("scheduler")).revision == first.revision
         assert await b.hold() is False
-        clock.advance(3)
+        clock.advance(2)
         assert await a.hold() is True  # renewed: now valid until t+8
+        assert (await bus.leases.get("scheduler")).revision > first.revision
         clock.advance(4)
         assert await b.hold() is False  # a's renewal still holds
         clock.advance(2)  # a stopped renewing: expired
