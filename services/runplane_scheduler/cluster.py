@@ -89,17 +89,24 @@ class Pending:
     def reconcile(self, alive: Mapping[str, NodeStatus], now_ms: int) -> list[PendingStart]:
         """Forget what the nodes now report (or what can no longer happen); return the starts
         that timed out without the node ever reporting the worker."""
-        reported = {w.worker_id: (node.node_id, w.state) for node in alive.values() for w in node.workers}
+        def state_on(node_id: str, worker_id: str) -> str | None:
+            """The worker's state in its node's status, None if the node does not report it."""
+            node = alive.get(node_id)
+            for w in node.workers if node is not None else ():
+                if w.worker_id == worker_id:
+                    return w.state
+            return None
+
         expired: list[PendingStart] = []
         for worker_id, start in list(self.starts.items()):
-            if worker_id in reported or start.node_id not in alive:
+            if start.node_id not in alive or state_on(start.node_id, worker_id) is not None:
                 del self.starts[worker_id]
             elif now_ms - start.sent_at_ms > self.timeout_ms:
                 del self.starts[worker_id]
                 expired.append(start)
         for worker_id, stop in list(self.stops.items()):
-            where = reported.get(worker_id)
-            if where is None or where[1] == "stopping" or now_ms - stop.sent_at_ms > self.timeout_ms:
+            state = state_on(stop.node_id, worker_id)
+            if state is None or state == "stopping" or now_ms - stop.sent_at_ms > self.timeout_ms:
                 del self.stops[worker_id]
         return expired
 

@@ -27,7 +27,7 @@ from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, split
 from runplane_scheduler.janitor import delete_at_revision
 from runplane_scheduler.metrics import (COMMANDS, ERRORS, NODES_ALIVE, NODES_LOST, PENDING_STARTS,
                                         START_TIMEOUTS, TICK_SECONDS, TICKS, UNPLACED)
-from runplane_scheduler.placement import Command, Plan, Unplaced, place
+from runplane_scheduler.placement import Command, NodeViews, Plan, Unplaced, place
 from runplane_scheduler.settings import SchedulerSettings
 from runplane_service.clock import Clock
 from runplane_service.control import every
@@ -57,6 +57,7 @@ class Scheduler:
         self._pending_since: dict[str, int] = {}
         self._placement_synced = False
         self.ticks = 0  # rounds started (tests wait on it)
+        self._views = NodeViews()
         self._mirrors: tuple[Mirror[NodeStatus], Mirror[EndpointSpec], Mirror[ScaleTarget]] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -112,7 +113,9 @@ class Scheduler:
                         endpoint_id=start.endpoint_id, node_id=start.node_id)
         snapshot = self.pending.snapshot(now_ms, nodes=alive, endpoints=endpoints, targets=targets)
         try:
-            plan = place(snapshot, now_ms, self.new_id, workers_per_cpu=self.settings.workers_per_cpu)
+            plan = place(snapshot, now_ms, self.new_id, workers_per_cpu=self.settings.workers_per_cpu,
+                         views=self._views)
+            self._views.keep_only(set(alive))
         except Exception:
             ERRORS.labels(step="place").inc()
             log.exception("placement failed")

@@ -75,7 +75,7 @@ def desired_workers(spec: EndpointSpec, target: ScaleTarget | None) -> int:
 @dataclass
 class NodeUse:
     node: NodeStatus
-    used_gpus: set[str] = field(default_factory=set)
+    used_gpus: set[str] | frozenset[str] = field(default_factory=set)
     # Workers in any state, starts in flight and starts planned: each takes a worker slot.
     workers: int = 0
     # Bumped by every assignment, so cached options for this node can be told apart.
@@ -95,9 +95,9 @@ class NodeUse:
             self._free = groups
         return self._free
 
-    def assign(self, gpu_uuids: tuple[str, ...]) -> None:
+    def assign(self, gpu_uuids: tuple[str, ...] | list[str]) -> None:
         self.workers += 1
-        self.used_gpus.update(gpu_uuids)
+        self.used_gpus = self.used_gpus | set(gpu_uuids)  # may be shared with a NodeView: no update()
         self.version += 1
         self._free = None
 
@@ -111,28 +111,82 @@ class Live:
     info: WorkerInfo | None  # None for a start in flight
 
 
-def ledger(snapshot: Snapshot) -> dict[str, NodeUse]:
-    use = {node_id: NodeUse(node) for node_id, node in snapshot.nodes.items()}
-    for u in use.values():
-        for worker in u.node.workers:
-            u.workers += 1
-            u.used_gpus.update(worker.gpu_uuids)  # a stopping worker still holds its GPUs
-    reported = {w.worker_id for n in snapshot.nodes.values() for w in n.workers}
+class NodeView:
+    """What placement derives from one node's worker list, kept while the list is unchanged
+    (a heartbeat rewrites a node's status every second; its workers rarely change)."""
+
+    __slots__ = ("by_endpoint", "gpus", "ids", "used_gpus", "workers", "_free")
+
+    def __init__(self, node: NodeStatus) -> None:
+        self.workers = node.workers
+        self.gpus = node.gpus
+        self._free: dict[str, list[GpuInfo]] | None = None
+        self.ids = frozenset(w.worker_id for w in node.workers)
+        self.used_gpus = frozenset(u for w in node.workers for u in w.gpu_uuids)
+        self.by_endpoint: dict[str, list[Live]] = {}
+        for w in node.workers:
+            if w.state != "stopping":
+                self.by_endpoint.setdefault(w.endpoint_id, []).append(Live(w.worker_id, node.node_id, w))
+
+
+    def free_groups(self) -> dict[str, list[GpuInfo]]:
+        if self._free is None:
+            self._free = NodeUse(NodeStatus(node_id="", hostname="", runtime="", gpus=self.gpus),
+                                 used_gpus=self.used_gpus).free_groups()
+        return self._free
+
+
+class NodeViews:
+    """A memo of `NodeView`s by node id. Only speeds things up: the views are recomputed
+    whenever a node's worker list differs, so results do not depend on it."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, NodeView] = {}
+
+    def of(self, node: NodeStatus) -> NodeView:
+        view = self._views.get(node.node_id)
+        if view is None or (view.workers is not node.workers and view.workers != node.workers) or (
+                view.gpus is not node.gpus and view.gpus != node.gpus):
+            view = self._views[node.node_id] = NodeView(node)
+        return view
+
+    def keep_only(self, node_ids: set[str]) -> None:
+        for node_id in set(self._views) - node_ids:
+            del self._views[node_id]
+
+
+def ledger(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, NodeUse]:
+    views = views or NodeViews()
+    use: dict[str, NodeUse] = {}
+    for node_id, node in snapshot.nodes.items():
+        view = views.of(node)  # a stopping worker still holds its GPUs
+        use[node_id] = NodeUse(node, used_gpus=view.used_gpus, workers=len(node.workers),
+                               _free=view.free_groups() if node.gpus else {})
     for start in snapshot.pending_starts:
-        if start.node_id in use and start.worker_id not in reported:
-            use[start.node_id].workers += 1
-            use[start.node_id].used_gpus.update(start.gpu_uuids)
+        u = use.get(start.node_id)
+        if u is not None and start.worker_id not in views.of(u.node).ids:
+            u.workers += 1
+            u.used_gpus = u.used_gpus | set(start.gpu_uuids)
+            u._free = None
     return use
 
 
-def live_workers(snapshot: Snapshot) -> dict[str, list[Live]]:
+def live_workers(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, list[Live]]:
     """Per endpoint, the workers that count: reported on alive nodes, not stopping and not
     being stopped by us, plus starts in flight."""
+    views = views or NodeViews()
     stopping = {p.worker_id for p in snapshot.pending_stops}
     seen: set[str] = set()
     live: dict[str, list[Live]] = {}
     for node_id in sorted(snapshot.nodes):
-        for worker in snapshot.nodes[node_id].workers:
+        node = snapshot.nodes[node_id]
+        view = views.of(node)
+        if stopping.isdisjoint(view.ids) and seen.isdisjoint(view.ids):
+            for endpoint_id, workers in view.by_endpoint.items():
+                live.setdefault(endpoint_id, []).extend(workers)
+            seen |= view.ids
+            continue
+        for worker in node.workers:  # the general case, worker by worker
             if worker.state == "stopping" or worker.worker_id in stopping or worker.worker_id in seen:
                 continue
             seen.add(worker.worker_id)
@@ -329,13 +383,15 @@ def _idle_first(workers: list[Live]) -> list[Live]:
 
 
 def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worker_id, *,
-          workers_per_cpu: float = DEFAULT_WORKERS_PER_CPU) -> Plan:
+          workers_per_cpu: float = DEFAULT_WORKERS_PER_CPU, views: NodeViews | None = None) -> Plan:
     """Commands that move the cluster towards each endpoint's desired worker count.
 
     `new_id` names new workers (pass a counter in tests); `now_ms` is the decision's time,
-    part of the signature for time-aware stages (no stage needs it yet)."""
-    use = ledger(snapshot)
-    live = live_workers(snapshot)
+    part of the signature for time-aware stages (no stage needs it yet); `views` may carry
+    per-node work over from the previous round (it never changes the result)."""
+    views = views or NodeViews()
+    use = ledger(snapshot, views)
+    live = live_workers(snapshot, views)
     commands: list[Command] = []
     unplaced: list[Unplaced] = []
     missing: dict[str, int] = {}

@@ -13,8 +13,8 @@ from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snapshot, split_nodes
-from runplane_scheduler.placement import (Chooser, Option, desired_workers, gpu_matches, ledger, live_workers,
-                                         place, select)
+from runplane_scheduler.placement import (Chooser, NodeViews, Option, desired_workers, gpu_matches, ledger,
+                                         live_workers, place, select)
 
 NOW = 1_700_000_000_000
 
@@ -394,3 +394,12 @@ def test_a_large_fleet_is_placed_in_one_plan():
     assert len(starts(plan)) == 3000 + 1000 + 4000 and plan.unplaced == []
     per_node = Counter(node_id for node_id, _, _ in starts(plan))
     assert max(per_node.values()) <= 32 * 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(clusters(), min_size=2, max_size=4))
+def test_views_carried_over_between_rounds_never_change_a_plan(rounds):
+    """The scheduler keeps NodeViews from round to round (node ids recur with other workers)."""
+    views = NodeViews()
+    for snapshot in rounds:
+        assert place(snapshot, NOW, ids(), views=views) == place(snapshot, NOW, ids())
