@@ -29,6 +29,8 @@ OBJ_PAYLOADS = "rp-payloads"
 
 # Wildcards used for stream definitions and fleet-wide subscriptions.
 ALL_JOB_QUEUES = "rp.jobs.>"
+# Every endpoint's normal (not low-priority) queue subject.
+ALL_NORMAL_JOB_QUEUES = "rp.jobs.*"
 ALL_JOB_CHUNKS = "rp.job.*.chunks"
 ALL_JOB_EVENTS = "rp.job.*.events"
 ALL_WEBHOOKS = "rp.webhook.*.due"

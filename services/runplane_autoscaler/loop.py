@@ -15,8 +15,10 @@ from runplane_autoscaler.settings import AutoscalerSettings
 from runplane_autoscaler.signals import sample
 from runplane_bus import Bus
 from runplane_bus.leases import LeaseKeeper
+from runplane_bus.mirror import Mirror
 from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.nodes import NodeStatus
 from runplane_proto.scaling import ScaleTarget
 from runplane_service.control import every
 from runplane_service.clock import Clock
@@ -55,11 +57,21 @@ class Autoscaler:
         self.written: dict[str, tuple[ScaleTarget, int]] = {}
         self._restored = False
         self.ticks = 0  # rounds started (tests wait on it)
+        self._mirrors: tuple[Mirror[NodeStatus], Mirror[EndpointSpec]] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("autoscaler running", interval_s=self.settings.interval_s)
-        await every(self.settings.interval_s, stop, self.tick, on_error=_tick_failed,
-                    observe_s=TICK_SECONDS.observe)
+        # Live copies of node status and endpoint specs instead of reading them every round.
+        self._mirrors = (Mirror(self.bus.nodes), Mirror(self.bus.endpoints))
+        try:
+            for mirror in self._mirrors:
+                await mirror.start()
+            await every(self.settings.interval_s, stop, self.tick, on_error=_tick_failed,
+                        observe_s=TICK_SECONDS.observe)
+        finally:
+            for mirror in self._mirrors:
+                await mirror.stop()
+            self._mirrors = None
 
     async def tick(self) -> None:
         TICKS.inc()
@@ -77,9 +89,10 @@ class Autoscaler:
             return
         if not self._restored:
             self._restored, _ = await self._step("restore state", self._restore)
+        nodes = self._mirrors[0].values() if self._mirrors else None
         ok, sampled = await self._step("sample", lambda: sample(
             self.bus, specs.keys(), now_ms, ack_wait_s=self.settings.ack_wait_s,
-            node_loss_timeout_ms=int(self.settings.node_loss_timeout_s * 1000)))
+            node_loss_timeout_ms=int(self.settings.node_loss_timeout_s * 1000), nodes=nodes))
         if not ok:
             return
         signals, errors = sampled
@@ -117,6 +130,8 @@ class Autoscaler:
             return False, None
 
     async def _read_endpoints(self) -> dict[str, EndpointSpec]:
+        if self._mirrors:
+            return {spec.id: spec for spec in self._mirrors[1].values()}
         return {spec.id: spec async for _, spec in self.bus.endpoints.items()}
 
     async def _restore(self) -> None:

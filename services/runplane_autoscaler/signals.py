@@ -63,24 +63,31 @@ class QueueSample:
     oldest_queued_at_ms: int | None
 
 
-async def sample_queue(bus: Bus, endpoint_id: str, *, ack_wait_s: float) -> QueueSample:
+async def normal_queue_counts(bus: Bus) -> dict[str, int]:
+    """Messages on each endpoint's normal queue subject (jobs not finished yet), one request
+    for the whole fleet."""
+    stream = await bus.js.stream_info(subjects.STREAM_JOBS, subjects_filter=subjects.ALL_NORMAL_JOB_QUEUES)
+    return dict(stream.state.subjects or {})
+
+
+async def sample_queue(bus: Bus, endpoint_id: str, *, ack_wait_s: float,
+                       normal_counts: dict[str, int] | None = None) -> QueueSample:
     """Read the endpoint's durable consumer (creating or updating it if needed), the number
     of messages on its normal queue, and the oldest normal message not delivered yet."""
     durable = subjects.job_consumer(endpoint_id)
     normal_queue = subjects.job_queue(endpoint_id)
     try:
-        info, stream = await asyncio.gather(
-            bus.js.consumer_info(subjects.STREAM_JOBS, durable),
-            bus.js.stream_info(subjects.STREAM_JOBS, subjects_filter=normal_queue))
+        info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
     except NotFoundError:
         await bus.ensure_job_consumer(endpoint_id, ack_wait_s=ack_wait_s)
-        info, stream = await asyncio.gather(
-            bus.js.consumer_info(subjects.STREAM_JOBS, durable),
-            bus.js.stream_info(subjects.STREAM_JOBS, subjects_filter=normal_queue))
+        info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
     if job_consumer_outdated(info.config, endpoint_id):  # made by an older version
         await bus.ensure_job_consumer(endpoint_id, ack_wait_s=ack_wait_s)
+    if normal_counts is None:
+        normal_counts = (await bus.js.stream_info(subjects.STREAM_JOBS, subjects_filter=normal_queue)
+                         ).state.subjects or {}
     pending = info.num_pending or 0
-    normal_unacked = (stream.state.subjects or {}).get(normal_queue, 0)
+    normal_unacked = normal_counts.get(normal_queue, 0)
     oldest_at_ms: int | None = None
     if pending and normal_unacked:
         next_seq = (info.delivered.stream_seq if info.delivered else 0) + 1
@@ -108,13 +115,19 @@ def signals_of(queue: QueueSample, workers: WorkerCounts, now_ms: int) -> Signal
 
 
 async def sample(bus: Bus, endpoint_ids: Iterable[str], now_ms: int, *, ack_wait_s: float,
-                 node_loss_timeout_ms: int) -> tuple[dict[str, Signals], dict[str, BaseException]]:
-    """Signals for each endpoint; endpoints whose queue could not be read are returned as errors."""
-    nodes = [status async for _, status in bus.nodes.items()]
+                 node_loss_timeout_ms: int, nodes: Iterable[NodeStatus] | None = None,
+                 ) -> tuple[dict[str, Signals], dict[str, BaseException]]:
+    """Signals for each endpoint; endpoints whose queue could not be read are returned as errors.
+    `nodes` (e.g. from a mirror) saves reading every node's status."""
+    if nodes is None:
+        nodes = [status async for _, status in bus.nodes.items()]
     workers = worker_counts(nodes, now_ms, node_loss_timeout_ms)
     ids = list(endpoint_ids)
-    results = await asyncio.gather(*(sample_queue(bus, ep, ack_wait_s=ack_wait_s) for ep in ids),
-                                   return_exceptions=True)
+    # Read before the consumers: a job queued in between counts as low-priority for one round
+    # (never the other way round).
+    normal_counts = await normal_queue_counts(bus)
+    results = await asyncio.gather(*(sample_queue(bus, ep, ack_wait_s=ack_wait_s, normal_counts=normal_counts)
+                                     for ep in ids), return_exceptions=True)
     signals: dict[str, Signals] = {}
     errors: dict[str, BaseException] = {}
     for ep, result in zip(ids, results, strict=True):
