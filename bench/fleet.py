@@ -34,9 +34,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def node_name(index: int) -> str:
+    return f"sim{index:05d}"
+
+
 class SimNode:
     def __init__(self, index: int, started_ms: int) -> None:
-        self.node_id = f"sim{index:05d}"
+        self.node_id = node_name(index)
         name = GPU_NAMES[index % 2]
         self.gpus = [GpuInfo(index=i, uuid=f"GPU-5e3d{index:05d}-{i:04d}", name=name, memory_total_mb=81559)
                      for i in range(8)]

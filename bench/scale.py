@@ -33,11 +33,16 @@ from pathlib import Path
 import httpx
 
 from bench.stats import percentile
+from bench.fleet import node_name
 from runplane_bus import Bus, BusSettings
+from runplane_proto import subjects
+from runplane_proto.codec import Codec
+from runplane_proto.nodes import NodeCommand, StartWorker
 from runplane_testing.cluster import ROOT, Cluster, python_command
 from runplane_testing.waiting import wait_until
 
 ECHO = "examples/echo/handler.py"
+WATCH_LAG_MS: list[float] = []  # how late this process's own watch saw each probe target
 FAST = "examples/fast/handler.py"
 
 
@@ -160,10 +165,22 @@ async def _count_workers(nats_url: str) -> int:
         await bus.close()
 
 
-async def _first_targets(nats_url: str, probes: set[str], seen: dict[str, int], stop: asyncio.Event) -> None:
-    """Record, per probe endpoint, when the autoscaler published its first target above zero
-    (the server's timestamp of the KV write; same clock as the fleet's)."""
-    bus = await Bus.connect(BusSettings(url=nats_url, name="bench-targets"))
+async def _observe(nats_url: str, nodes: int, probes: set[str], decided: dict[str, int],
+                   sent: dict[str, int], stop: asyncio.Event) -> None:
+    """Record, per probe endpoint, when the autoscaler wrote its first target above zero (the
+    server's timestamp of the KV write) and when the scheduler's StartWorker for it went out
+    (seen by this lightly loaded process listening on every node's command subject, beside the
+    node itself; the simulated node's own arrival time would add its busy event loop)."""
+    bus = await Bus.connect(BusSettings(url=nats_url, name="bench-observer"))
+    commands: Codec[NodeCommand] = Codec(NodeCommand)
+
+    async def on_command(msg) -> None:
+        command = commands.decode(msg.data)
+        if isinstance(command, StartWorker) and command.spec.id in probes:
+            sent.setdefault(command.spec.id, int(time.time() * 1000))
+
+    for index in range(nodes):
+        await bus.nc.subscribe(subjects.node_cmd(node_name(index)), cb=on_command)
     watcher = await bus.scale.kv.watch(">")
     try:
         while not stop.is_set():
@@ -171,11 +188,12 @@ async def _first_targets(nats_url: str, probes: set[str], seen: dict[str, int], 
                 entry = await watcher.updates(timeout=0.5)
             except Exception:
                 continue
-            if entry is None or entry.value is None or entry.key not in probes or entry.key in seen:
+            if entry is None or entry.value is None or entry.key not in probes or entry.key in decided:
                 continue
             target = bus.scale.codec.decode(entry.value)
             if target.desired_workers >= 1:
-                seen[entry.key] = int(entry.created.timestamp() * 1000)
+                decided[entry.key] = int(entry.created.timestamp() * 1000)
+                WATCH_LAG_MS.append(time.time() * 1000 - decided[entry.key])
     finally:
         await watcher.stop()
         await bus.close()
@@ -226,30 +244,33 @@ def simulated_fleet(nodes: int, workers: int, probes: int) -> dict[str, float]:
             cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
             window = time.perf_counter()
             decided: dict[str, int] = {}
+            sent: dict[str, int] = {}
             stop = asyncio.Event()
             loop = asyncio.new_event_loop()
-            watcher = threading.Thread(target=loop.run_until_complete, args=(
-                _first_targets(cluster.nats.url, set(probe_ids), decided, stop),), daemon=True)
-            watcher.start()
-            time.sleep(1)
+            observer = threading.Thread(target=loop.run_until_complete, args=(
+                _observe(cluster.nats.url, nodes, set(probe_ids), decided, sent, stop),), daemon=True)
+            observer.start()
+            time.sleep(2)
             for endpoint_id in probe_ids:  # one every 100 ms: each placement is measured alone
                 assert http.post(f"/v2/{endpoint_id}/run", json={"input": {}}).status_code == 200
                 time.sleep(0.1)
             _say("probe jobs submitted")
-            wait_until(lambda: len(decided) == len(probe_ids), timeout_s=120, what="probe targets")
-            starts: dict[str, int] = {}
+            wait_until(lambda: len(decided) == len(probe_ids) and len(sent) == len(probe_ids), timeout_s=120,
+                       what="probe targets and starts")
+            arrived: dict[str, int] = {}
 
             def placed() -> bool:
                 for line in events.read_text().splitlines():
                     event = json.loads(line)
                     if event["endpoint"] in decided:
-                        starts.setdefault(event["endpoint"], event["t_ms"])
-                return len(starts) == len(decided)
+                        arrived.setdefault(event["endpoint"], event["t_ms"])
+                return len(arrived) == len(decided)
 
             wait_until(placed, timeout_s=120, interval_s=0.5, what="probe workers started")
             loop.call_soon_threadsafe(stop.set)
-            watcher.join(5)
-            latencies = sorted(starts[ep] - decided[ep] for ep in decided)
+            observer.join(5)
+            latencies = sorted(sent[ep] - decided[ep] for ep in decided)
+            at_node = sorted(arrived[ep] - decided[ep] for ep in decided)
             window = time.perf_counter() - window
             cpu = {f"cpu_share_{name}": (_cpu_s(pid) - cpu_before[name]) / window
                    for name, pid in pids.items()}
@@ -262,6 +283,10 @@ def simulated_fleet(nodes: int, workers: int, probes: int) -> dict[str, float]:
         "placement_p50_ms": percentile(latencies, 50), "placement_p99_ms": percentile(latencies, 99),
         "control_plane_rss_mb": sum(rss.get(n, 0.0) for n in ("gateway", "scheduler", "autoscaler")),
         "scheduler_rss_mb": rss.get("scheduler", 0.0), "nats_rss_mb": nats_rss,
+        "placement_at_node_p50_ms": percentile(at_node, 50),
+        "placement_at_node_p99_ms": percentile(at_node, 99),
+        "target_watch_lag_p50_ms": percentile(sorted(WATCH_LAG_MS), 50),
+        "target_watch_lag_p99_ms": percentile(sorted(WATCH_LAG_MS), 99),
         **cpu,  # cores each process used while the probes ran (2 here)
     }
 
