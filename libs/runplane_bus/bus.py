@@ -33,6 +33,10 @@ DROPPED = Counter("rp_bus_dropped_messages_total", "Messages that failed to deco
                   ["subject"])
 
 
+# How long close() lets in-flight messages finish before closing anyway.
+DRAIN_TIMEOUT_S = 2.0
+
+
 class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
     url: str = "nats://127.0.0.1:4222"
     name: str = "runplane"
@@ -103,7 +107,8 @@ class Bus:
         for task in list(self._tasks):
             task.cancel()
         try:
-            await self.nc.drain()
+            # Bounded: a pull subscription whose fetches never complete would hold drain forever.
+            await asyncio.wait_for(self.nc.drain(), DRAIN_TIMEOUT_S)
         except Exception:
             await self.nc.close()
 

@@ -85,3 +85,4 @@ async def test_mirror_follows_puts_and_deletes_and_heals_by_resync(nats_server):
         await mirror.stop()
     finally:
         await bus.close()
+
