@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js.errors import NotFoundError
 
@@ -70,17 +71,33 @@ async def normal_queue_counts(bus: Bus) -> dict[str, int]:
     return dict(stream.state.subjects or {})
 
 
+async def job_consumer_infos(bus: Bus) -> dict[str, Any]:
+    """Every consumer of the jobs stream by name, a page (256) per request instead of one
+    request per endpoint."""
+    infos: dict[str, Any] = {}
+    while True:
+        page = await bus.js.consumers_info(subjects.STREAM_JOBS, offset=len(infos))
+        infos.update((info.name, info) for info in page)
+        if len(page) < CONSUMER_PAGE or not page:
+            return infos
+
+
+CONSUMER_PAGE = 256
+
+
 async def sample_queue(bus: Bus, endpoint_id: str, *, ack_wait_s: float,
-                       normal_counts: dict[str, int] | None = None) -> QueueSample:
+                       normal_counts: dict[str, int] | None = None, info: Any = None) -> QueueSample:
     """Read the endpoint's durable consumer (creating or updating it if needed), the number
-    of messages on its normal queue, and the oldest normal message not delivered yet."""
+    of messages on its normal queue, and the oldest normal message not delivered yet.
+    `info`, when given, is the consumer's info read moments ago."""
     durable = subjects.job_consumer(endpoint_id)
     normal_queue = subjects.job_queue(endpoint_id)
-    try:
-        info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
-    except NotFoundError:
-        await bus.ensure_job_consumer(endpoint_id, ack_wait_s=ack_wait_s)
-        info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
+    if info is None:
+        try:
+            info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
+        except NotFoundError:
+            await bus.ensure_job_consumer(endpoint_id, ack_wait_s=ack_wait_s)
+            info = await bus.js.consumer_info(subjects.STREAM_JOBS, durable)
     if job_consumer_outdated(info.config, endpoint_id):  # made by an older version
         await bus.ensure_job_consumer(endpoint_id, ack_wait_s=ack_wait_s)
     if normal_counts is None:
@@ -126,8 +143,11 @@ async def sample(bus: Bus, endpoint_ids: Iterable[str], now_ms: int, *, ack_wait
     # Read before the consumers: a job queued in between counts as low-priority for one round
     # (never the other way round).
     normal_counts = await normal_queue_counts(bus)
-    results = await asyncio.gather(*(sample_queue(bus, ep, ack_wait_s=ack_wait_s, normal_counts=normal_counts)
-                                     for ep in ids), return_exceptions=True)
+    infos = await job_consumer_infos(bus)
+    results = await asyncio.gather(*(
+        sample_queue(bus, ep, ack_wait_s=ack_wait_s, normal_counts=normal_counts,
+                     info=infos.get(subjects.job_consumer(ep)))
+        for ep in ids), return_exceptions=True)
     signals: dict[str, Signals] = {}
     errors: dict[str, BaseException] = {}
     for ep, result in zip(ids, results, strict=True):

@@ -248,3 +248,21 @@ async def test_the_service_process_serves_metrics_and_writes_targets(nats_server
 
 async def _async(value):
     return value
+
+
+async def test_consumers_are_read_in_pages_and_every_endpoint_is_sampled(nats_server):
+    """More endpoints than one consumer-list page (256): every queue is still sampled."""
+    from runplane_autoscaler.signals import CONSUMER_PAGE, job_consumer_infos, sample
+
+    bus = await Bus.connect(BusSettings(url=nats_server.url, name="test"))
+    try:
+        ids = [f"page{i:03d}" for i in range(CONSUMER_PAGE + 20)]
+        await asyncio.gather(*(bus.ensure_job_consumer(ep) for ep in ids))
+        await queue_jobs(bus, ids[-1], 2)
+        infos = await job_consumer_infos(bus)
+        assert {subjects.job_consumer(ep) for ep in ids} <= set(infos)
+        signals, errors = await sample(bus, ids, now_ms(), ack_wait_s=30, node_loss_timeout_ms=10_000, nodes=[])
+        assert errors == {} and set(signals) == set(ids)
+        assert signals[ids[-1]].in_queue == 2 and signals[ids[0]].in_queue == 0
+    finally:
+        await bus.close()
