@@ -9,7 +9,9 @@ import msgspec
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.ids import EndpointId, JobId, NodeId, WorkerId
 
-WorkerState = Literal["starting", "idle", "running", "stopping"]
+# "parked": an idle worker of a flash endpoint kept paused in the node's pool after the
+# scheduler no longer needed it; not one of the endpoint's workers, but it holds its GPUs.
+WorkerState = Literal["starting", "idle", "running", "stopping", "parked"]
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,7 +55,9 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StartWorker(msgspec.Struct, frozen=True, kw_only=True, tag="start_worker"):
-    """Start a worker of `spec` with this id. Idempotent: a known worker id is a no-op."""
+    """Start a worker of `spec` with this id. Idempotent: a known worker id is a no-op, except
+    that a parked worker with this id is resumed (it becomes one of the endpoint's workers
+    again). A parked worker holding any of `gpu_uuids` is evicted (stopped) first."""
 
     worker_id: WorkerId
     spec: EndpointSpec
@@ -61,11 +65,14 @@ class StartWorker(msgspec.Struct, frozen=True, kw_only=True, tag="start_worker")
 
 
 class StopWorker(msgspec.Struct, frozen=True, kw_only=True, tag="stop_worker"):
-    """Stop a worker. With `only_if_idle` a busy worker is left alone (ok=False)."""
+    """Stop a worker. With `only_if_idle` a busy worker is left alone (ok=False). With `park`
+    the node may instead pause it into its pool (flash endpoints, within the node's memory
+    budget); a parked worker is evicted by a stop without `park`."""
 
     worker_id: WorkerId
     reason: str = ""
     only_if_idle: bool = True
+    park: bool = False
 
 
 NodeCommand = StartWorker | StopWorker

@@ -94,6 +94,7 @@ class Jobs:
             await self._holds_nothing(worker, now)
         deadline = now + self.settings.take_poll_s
         puller = self.pullers.get(worker.endpoint_id) or await self.ensure_endpoint(worker.endpoint_id)
+        flash = self.supervisor.flash
         metrics.TAKE_POLLS_WAITING.inc()
         try:
             while True:
@@ -103,17 +104,28 @@ class Jobs:
                 if self.draining or worker.stopping:
                     await asyncio.sleep(remaining)  # hold the poll; nothing is handed out now
                     return []
-                result = await puller.pull(batch, remaining)
+                pause = flash.when_idle(worker)  # flash boot: paused while this wait lasts
+                try:
+                    result = await puller.pull(batch, remaining)
+                finally:
+                    if pause is not None:
+                        pause.cancel()
                 if result.msgs:
                     poll.claiming = True
                     try:
+                        # A paused worker is resumed while its job is claimed.
+                        waking = (asyncio.ensure_future(flash.wake(worker)) if flash.needs_wake(worker)
+                                  else None)
                         taken = await self._claim_all(worker, result.msgs)
+                        if waking is not None:
+                            await waking
                     finally:
                         poll.claiming = False
                     if taken and (worker.stopping or self.draining):
                         await self.give_back(taken)
                         return []
                     if taken:
+                        flash.took_jobs(worker)
                         return taken
                 elif result.status is not None and result.status not in QUIET_STATUSES \
                         and result.status != "timeout":
@@ -126,6 +138,9 @@ class Jobs:
                     return []
         finally:
             metrics.TAKE_POLLS_WAITING.dec()
+            if flash.needs_wake(worker) and not worker.stopping:
+                # Never answered while paused: the worker's own take timeout keeps running.
+                await flash.wake(worker)
 
     async def _claim_all(self, worker: Worker, msgs: list[Msg]) -> list[HeldJob]:
         if len(msgs) == 1:

@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 
 from runplane_node_agent import metrics, runtimes
 from runplane_node_agent.commands import Commands
+from runplane_node_agent.flash.boot import FlashBoot
 from runplane_node_agent.inventory.host import GpuInventory, HostInventory
 from runplane_node_agent.jobs import Jobs
 from runplane_node_agent.node_status import StatusPublisher
@@ -86,9 +87,10 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     inventory = HostInventory(gpus)
     stack.callback(inventory.close)
 
+    flash = FlashBoot(runtime, settings, inventory.host.memory_total_mb, on_change=lambda: status.changed())
     supervisor = Supervisor(runtime, settings, clock, on_change=lambda: status.changed(),
                             gpu_names=lambda uuids: status.gpu_names(uuids),
-                            base_env=None if runtime.inherits_host_env else {})
+                            base_env=None if runtime.inherits_host_env else {}, flash=flash)
     status = StatusPublisher(bus, settings, inventory, runtime, supervisor, clock)
     await status.read_gpus()
     jobs = Jobs(bus, settings, clock, supervisor, on_change=status.changed)
@@ -109,7 +111,7 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     status_task = asyncio.ensure_future(status.run())
     housekeeping_task = asyncio.ensure_future(_housekeeping(jobs, supervisor))
     log.info("node agent ready", node_id=settings.node_id, url=supervisor.base_url, runtime=runtime.name,
-             gpus=len(status.gpus.gpus))
+             gpus=len(status.gpus.gpus), park_memory_mb=flash.budget_mb)
     return NodeAgent(settings, bus, supervisor, jobs, status, server, http_stop, supervisor.base_url,
                      status_task, housekeeping_task, worker_server)
 

@@ -29,6 +29,15 @@ WORKER_REQUESTS_REJECTED = Counter("rp_node_agent_worker_requests_rejected_total
                                    "Worker API calls refused", ["code"])
 COMMANDS = Counter("rp_node_agent_commands_total", "Node commands handled", ["command", "ok"])
 STATUS_WRITES = Counter("rp_node_agent_status_writes_total", "NodeStatus writes to KV")
+FLASH_PAUSES = Counter("rp_node_agent_flash_pauses_total", "Idle workers paused (flash boot)")
+FLASH_RESUME_SECONDS = Histogram(
+    "rp_node_agent_flash_resume_seconds", "Time to resume a paused worker",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+FLASH_PARKS = Counter("rp_node_agent_flash_parks_total", "Idle workers parked instead of stopped")
+FLASH_UNPARKS = Counter("rp_node_agent_flash_unparks_total", "Parked workers that became live again", ["why"])
+FLASH_EVICTIONS = Counter("rp_node_agent_flash_evictions_total", "Parked workers evicted", ["why"])
+FLASH_SNAPSHOTS = Counter("rp_node_agent_flash_snapshots_total", "Snapshot commits", ["result"])
 LOOP_ERRORS = Counter("rp_node_agent_loop_errors_total", "Errors caught in background loops", ["loop"])
 
 

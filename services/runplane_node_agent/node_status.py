@@ -60,7 +60,7 @@ class StatusPublisher:
         capabilities = sorted(c.value for c in self.runtime.capabilities
                               if c is not Capability.GPU or self.gpus.gpus)
         workers = [w.info() for w in self.supervisor.workers.values()]
-        counts: dict[str, int] = {"starting": 0, "idle": 0, "running": 0, "stopping": 0}
+        counts: dict[str, int] = {"starting": 0, "idle": 0, "running": 0, "stopping": 0, "parked": 0}
         for w in workers:
             counts[w.state] += 1
         for state, n in counts.items():

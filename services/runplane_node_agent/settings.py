@@ -7,7 +7,7 @@ import socket
 
 import msgspec
 from runplane_proto.ids import is_valid_id
-from runplane_service.env import SettingsError, env_float, env_int, env_opt, env_str
+from runplane_service.env import SettingsError, env_bool, env_float, env_int, env_opt, env_str
 
 # Workers give up on a take after 90 s (runpod SDK); our long-poll must end well before.
 WORKER_TAKE_TIMEOUT_S = 90.0
@@ -36,6 +36,15 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     stop_grace_s: float = 5.0
     take_poll_s: float = 20.0
     shutdown_grace_s: float = 30.0
+    # Flash boot: an idle worker of a flash endpoint is paused once its take poll has waited
+    # this long without a job (negative: never; parked workers are paused at once).
+    flash_pause_s: float = 1.0
+    # Memory the node's pool of parked workers may hold; None: a quarter of the node's
+    # memory; 0: no parking (surplus workers are stopped).
+    park_memory_mb: int | None = None
+    # Commit an initialised worker of a flash endpoint into a per-node snapshot image that
+    # later cold starts of the endpoint on this node start from (runtimes that can).
+    snapshots: bool = True
 
     @property
     def keepalive_s(self) -> float:
@@ -54,6 +63,10 @@ def default_node_id(hostname: str | None = None) -> str:
     """A valid id derived from the hostname (dots and other characters become dashes)."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", hostname or socket.gethostname()).strip("-")[:128]
     return name or "node"
+
+
+def env_opt_int(name: str) -> int | None:
+    return None if env_opt(name) is None else env_int(name, 0)
 
 
 def from_env() -> AgentSettings:
@@ -78,6 +91,9 @@ def from_env() -> AgentSettings:
         stop_grace_s=env_float("RP_STOP_GRACE_S", 5.0),
         take_poll_s=env_float("RP_TAKE_POLL_S", 20.0),
         shutdown_grace_s=env_float("RP_SHUTDOWN_GRACE_S", 30.0),
+        flash_pause_s=env_float("RP_FLASH_PAUSE_S", 1.0),
+        park_memory_mb=env_opt_int("RP_PARK_MEMORY_MB"),
+        snapshots=env_bool("RP_SNAPSHOTS", True),
     )
     check(settings)
     return settings
@@ -104,5 +120,7 @@ def check(settings: AgentSettings) -> None:
         # Containers outlive the agent and keep the URL they were given: it must not change.
         raise SettingsError(f"RP_RUNTIME={settings.runtime} needs a fixed RP_AGENT_PORT (or RP_AGENT_URL), "
                             "not 0")
+    if settings.park_memory_mb is not None and settings.park_memory_mb < 0:
+        raise SettingsError("RP_PARK_MEMORY_MB must not be negative")
     if settings.worker_memory_mb < 0 or settings.worker_cpus < 0:
         raise SettingsError("RP_WORKER_MEMORY_MB and RP_WORKER_CPUS must not be negative")

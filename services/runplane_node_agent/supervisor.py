@@ -3,6 +3,7 @@
 A *recycle* replaces a worker's process with a fresh one under the same worker id
 (stopPod, a job it would not let go, an unhealthy or silent worker). A worker that
 exits on its own, or is stopped by a command, is removed; the scheduler replaces it.
+Flash boot (flash/boot.py) pauses idle workers and parks those a StopWorker lets it keep.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from runplane_proto.nodes import CommandReply, StartWorker, StopWorker, WorkerIn
 from runplane_service.clock import Clock
 
 from runplane_node_agent import metrics
+from runplane_node_agent.flash.boot import FlashBoot, spec_digest
 from runplane_node_agent.runtimes.base import (
     Adopted,
     Launch,
@@ -67,11 +69,21 @@ class Worker:
         self.stop_event = asyncio.Event()
         # Take polls in flight: interrupted when the worker stops.
         self.polls: set = set()
+        # Flash boot: frozen now (pause and resume hold the lock); in the node's pool.
+        self.paused = False
+        self.parked = False
+        self.freeze_lock = asyncio.Lock()
+        self.memory_mb = 0  # measured when parked
+        self.from_snapshot = False  # started from its endpoint's snapshot image
+        self.evicting = False  # a parked worker being stopped: its GPUs free up when it is gone
+        self.gone = asyncio.Event()  # removed from the node
 
     @property
     def state(self) -> WorkerState:
         if self.stopping:
             return "stopping"
+        if self.parked:
+            return "parked"
         if not self.ready:
             return "starting"
         return "running" if self.jobs else "idle"
@@ -90,8 +102,11 @@ ReleaseJobs = Callable[[Worker, str], Awaitable[None]]
 class Supervisor:
     def __init__(self, runtime: Runtime, settings: AgentSettings, clock: Clock,
                  on_change: Callable[[], None], gpu_names: Callable[[tuple[str, ...]], list[str] | None],
-                 base_env: Mapping[str, str] | None = None) -> None:
+                 base_env: Mapping[str, str] | None = None, flash: FlashBoot | None = None) -> None:
         self.runtime = runtime
+        self.flash = flash or FlashBoot(runtime, settings, 0, on_change)
+        self.flash.evict = lambda worker, reason: self._evict(worker, reason)
+        self.flash.workers = lambda: list(self.workers.values())
         self.settings = settings
         self.clock = clock
         self.on_change = on_change
@@ -106,18 +121,30 @@ class Supervisor:
     # -- commands ---------------------------------------------------------------------------
 
     async def start_worker(self, cmd: StartWorker) -> CommandReply:
-        if cmd.worker_id in self.workers:
-            return CommandReply(ok=True)  # idempotent by worker id
+        known = self.workers.get(cmd.worker_id)
+        if known is not None:  # idempotent by worker id; a parked worker is resumed
+            if known.parked and not known.stopping:
+                await self._unpark(known, cmd)
+            return CommandReply(ok=True)
         if self.closing:
             return CommandReply(ok=False, error="node is draining")
         if cmd.gpu_uuids:
             names = self.gpu_names(tuple(cmd.gpu_uuids))
             if names is None:
                 return CommandReply(ok=False, error=f"unknown GPU in {cmd.gpu_uuids}")
-            taken = {u for w in self.workers.values() for u in w.gpu_uuids}
-            if taken & set(cmd.gpu_uuids):
-                busy = sorted(taken & set(cmd.gpu_uuids))
+            wanted = set(cmd.gpu_uuids)
+            holders = [w for w in self.workers.values() if wanted & set(w.gpu_uuids)]
+            busy = sorted({u for w in holders if not (w.parked or w.evicting) for u in w.gpu_uuids} & wanted)
+            if busy:
                 return CommandReply(ok=False, error=f"GPU already assigned: {busy}")
+            if holders:  # parked workers (or ones being evicted) hold them: evict, wait until gone
+                for holder in holders:
+                    self._evict(holder, f"its GPUs go to worker {cmd.worker_id}", kill=True, why="gpu")
+                try:
+                    await asyncio.wait_for(asyncio.gather(*(h.gone.wait() for h in holders)),
+                                           self.settings.stop_grace_s + 2)
+                except TimeoutError:
+                    return CommandReply(ok=False, error="parked workers with these GPUs did not exit in time")
         worker = Worker(cmd, self.clock.now_ms())
         self.workers[worker.worker_id] = worker
         try:
@@ -132,10 +159,40 @@ class Supervisor:
         worker = self.workers.get(cmd.worker_id)
         if worker is None:
             return CommandReply(ok=True)
+        if worker.parked and not worker.stopping:
+            if not cmd.park:
+                self._evict(worker, cmd.reason or "evicted by command", why="command")
+            return CommandReply(ok=True)
         if cmd.only_if_idle and worker.jobs:
             return CommandReply(ok=False, error="worker is busy")
+        if cmd.park and not worker.stopping:
+            why_not = await self.flash.park(worker)
+            if why_not is None:
+                return CommandReply(ok=True)
+            log.info("not parking worker; stopping it", worker_id=worker.worker_id,
+                     endpoint_id=worker.endpoint_id, why=why_not)
+            if cmd.only_if_idle and worker.jobs:
+                return CommandReply(ok=False, error="worker is busy")
         self._stop(worker, cmd.reason or "stopped by command", remove=True)
         return CommandReply(ok=True)
+
+    async def _unpark(self, worker: Worker, cmd: StartWorker) -> None:
+        changed = spec_digest(cmd.spec) != spec_digest(worker.spec)
+        worker.spec = cmd.spec
+        await self.flash.unpark(worker)
+        if changed:  # the endpoint changed while it was parked: a fresh process of the new spec
+            self.recycle(worker.worker_id, "its endpoint changed while it was parked")
+
+    def _evict(self, worker: Worker, reason: str, *, kill: bool = False, why: str = "memory") -> None:
+        """Stop a parked worker for good."""
+        if worker.evicting:
+            return
+        worker.evicting = True
+        if why != "memory":
+            metrics.FLASH_EVICTIONS.labels(why=why).inc()
+        log.info("evicting parked worker", worker_id=worker.worker_id, endpoint_id=worker.endpoint_id,
+                 reason=reason)
+        self._stop(worker, reason, remove=True, kill=kill)
 
     def recycle(self, worker_id: str, reason: str) -> None:
         """Replace the worker's process with a fresh one (same worker id)."""
@@ -147,16 +204,11 @@ class Supervisor:
     async def stop_all(self) -> None:
         """Stop every worker (agent shutdown) and wait for them to exit."""
         self.closing = True
-        handles = []
         for worker in list(self.workers.values()):
             self._stop(worker, "node agent stopping", remove=True)
-            if worker.handle is not None:
-                handles.append(worker.handle)
-        if handles:
-            await asyncio.gather(*(h.stop(self.settings.stop_grace_s) for h in handles),
-                                 return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.settings.stop_grace_s + 1)
+        await self.flash.close()
 
     async def adopt(self, spec_of: Callable[[str], Awaitable[EndpointSpec | None]]) -> None:
         """Take over the workers an earlier agent on this node left running (containers outlive
@@ -185,8 +237,10 @@ class Supervisor:
         if not worker.ready:
             worker.ready = True
             log.info("worker ready", worker_id=worker.worker_id, endpoint_id=worker.endpoint_id,
-                     startup_ms=self.clock.now_ms() - worker.started_at_ms)
+                     startup_ms=self.clock.now_ms() - worker.started_at_ms,
+                     from_snapshot=worker.from_snapshot or None)
             self.on_change()
+            self.flash.initialised(worker)
 
     def pinged(self, worker: Worker, job_ids: frozenset[str], version: str | None, status: str | None,
                detail: str) -> None:
@@ -199,10 +253,12 @@ class Supervisor:
 
     def tick(self, now: float) -> None:
         """Recycle workers whose pings stopped (only after they pinged once: model loading
-        before `serverless.start()` may take long)."""
+        before `serverless.start()` may take long). A paused worker cannot ping: its clock
+        restarts when it is resumed."""
         timeout_s = self.settings.worker_ping_timeout_s
         for worker in list(self.workers.values()):
-            if worker.pinged and not worker.stopping and now - worker.last_seen > timeout_s:
+            frozen = worker.paused or worker.freeze_lock.locked()
+            if worker.pinged and not worker.stopping and not frozen and now - worker.last_seen > timeout_s:
                 self.recycle(worker.worker_id, f"no ping for {timeout_s:g} s")
 
     def job_finished(self, worker: Worker) -> None:
@@ -211,7 +267,7 @@ class Supervisor:
 
     # -- processes --------------------------------------------------------------------------
 
-    def _stop(self, worker: Worker, reason: str, *, remove: bool) -> None:
+    def _stop(self, worker: Worker, reason: str, *, remove: bool, kill: bool = False) -> None:
         worker.removing = worker.removing or remove
         if worker.stopping:
             return
@@ -223,9 +279,20 @@ class Supervisor:
         self.on_change()
         handle = worker.handle
         if handle is not None:
-            self._spawn_task(handle.stop(self.settings.stop_grace_s))
+            self._spawn_task(self._halt(worker, handle, kill))
         elif remove:
             self._forget(worker)
+
+    async def _halt(self, worker: Worker, handle: RunningWorker, kill: bool) -> None:
+        """Stop (or kill) a worker's process; a paused one is resumed first so that it can
+        take the signal (a frozen process or container would not)."""
+        if worker.paused or worker.freeze_lock.locked():
+            await self.flash.wake(worker)
+        if kill:
+            handle.kill()
+            await handle.wait()
+        else:
+            await handle.stop(self.settings.stop_grace_s)
 
     async def _spawn(self, worker: Worker) -> None:
         worker.generation += 1
@@ -234,12 +301,14 @@ class Supervisor:
         worker.stopping = False
         worker.stop_reason = ""
         worker.pinged = False
+        worker.paused = False
         worker.stop_event = asyncio.Event()
         worker.started_at_ms = worker.idle_since_ms = self.clock.now_ms()
         worker.last_seen = time.monotonic()
+        image = await self.flash.launch_image(worker)
         launch = Launch(
             worker_id=worker.worker_id, endpoint_id=worker.endpoint_id, argv=tuple(worker.spec.command),
-            env=self.worker_env(worker), gpu_uuids=worker.gpu_uuids, image=worker.spec.image_name,
+            env=self.worker_env(worker), gpu_uuids=worker.gpu_uuids, image=image,
             labels={"runplane.worker_id": worker.worker_id, "runplane.endpoint_id": worker.endpoint_id},
         )
         handle = await self.runtime.start(launch, _output_sink(worker.worker_id, worker.endpoint_id))
@@ -247,7 +316,7 @@ class Supervisor:
         worker.handle = handle
         metrics.WORKER_STARTS.labels(endpoint=ep).inc()
         log.info("worker started", worker_id=wid, endpoint_id=ep, pid=handle.pid,
-                 generation=worker.generation)
+                 generation=worker.generation, image=image if worker.from_snapshot else None)
         self._spawn_task(self._watch(worker, worker.generation, handle))
         self.on_change()
 
@@ -290,6 +359,7 @@ class Supervisor:
             self._forget(worker)
 
     def _forget(self, worker: Worker) -> None:
+        worker.gone.set()
         if self.workers.get(worker.worker_id) is worker:
             del self.workers[worker.worker_id]
             self.on_change()

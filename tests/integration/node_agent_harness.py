@@ -78,9 +78,10 @@ async def start_worker(bus: Bus, node_id: str, spec: EndpointSpec, worker_id: st
     return worker_id
 
 
-async def stop_worker(bus: Bus, node_id: str, worker_id: str, only_if_idle: bool = True) -> CommandReply:
-    return await bus.request(s.node_cmd(node_id), StopWorker(worker_id=worker_id, only_if_idle=only_if_idle),
-                             REPLY)
+async def stop_worker(bus: Bus, node_id: str, worker_id: str, only_if_idle: bool = True,
+                      park: bool = False) -> CommandReply:
+    return await bus.request(s.node_cmd(node_id), StopWorker(worker_id=worker_id, only_if_idle=only_if_idle,
+                                                             park=park), REPLY)
 
 
 async def wait_worker_gone(bus: Bus, node_id: str, worker_id: str, timeout_s: float = 30) -> None:

@@ -44,6 +44,17 @@ class Launch:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Names a snapshot image: one per endpoint and version of its launch spec, per node."""
+
+    endpoint_id: str
+    # A digest of what the container is made of (image, command, env): a changed spec
+    # never starts from an older spec's snapshot.
+    spec_digest: str
+    base_image: str
+
+
 # Called with ("stdout" | "stderr", line) for every line a worker prints.
 OutputSink = Callable[[str, str], None]
 
@@ -100,6 +111,18 @@ class Runtime(abc.ABC):
 
     async def resume(self, worker: RunningWorker) -> None:
         raise NotSupported(f"{self.name} runtime cannot resume workers")
+
+    async def memory_mb(self, worker: RunningWorker) -> int | None:
+        """Memory the worker holds now, in MB (what parking it costs); None when unknown."""
+        return None
+
+    async def snapshot(self, worker: RunningWorker, snapshot: Snapshot) -> None:
+        """Save the worker's filesystem as the snapshot image `snapshot` names."""
+        raise NotSupported(f"{self.name} runtime cannot snapshot workers")
+
+    async def find_snapshot(self, snapshot: Snapshot) -> str | None:
+        """The image to start `snapshot`'s endpoint from on this node, None when there is none."""
+        return None
 
     async def adopt(self, agent_url: str, output: Callable[[str, str], OutputSink]) -> list[Adopted]:
         """Workers an earlier agent on this node left running that can still reach the agent at

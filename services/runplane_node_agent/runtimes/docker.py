@@ -10,6 +10,9 @@
 - Containers outlive a killed agent; the next agent on the node adopts the running ones
   (found by label; their token is in their env) and removes the others.
 - An exited container is inspected (exit code, OOM kill), its last output read, then removed.
+- Flash boot: pause/unpause (cgroup freezer); snapshots are `docker commit`s of an initialised
+  worker, `runplane-snapshot:<node>-<endpoint and spec>`, labelled with node, endpoint and
+  spec digest; later cold starts of that endpoint on this node start from them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from runplane_node_agent.runtimes.base import (
     RunningWorker,
     Runtime,
     RuntimeFailure,
+    Snapshot,
 )
 from runplane_node_agent.runtimes.netguard import Guard, GuardError
 from runplane_node_agent.settings import AgentSettings
@@ -49,6 +53,9 @@ LABEL_WORKER = "runplane.worker_id"
 LABEL_ENDPOINT = "runplane.endpoint_id"
 LABEL_NODE = "runplane.node_id"
 LABEL_GPUS = "runplane.gpu_uuids"
+LABEL_SPEC = "runplane.spec_digest"
+LABEL_SNAPSHOT_OF = "runplane.snapshot_of"
+SNAPSHOT_REPOSITORY = "runplane-snapshot"
 
 _LINE_LIMIT_CHARS = 1024 * 1024
 # Calls that should answer at once; logs, waits and pulls have no total limit.
@@ -288,12 +295,76 @@ class DockerRuntime(Runtime):
         return await self.docker.containers.create(config, name=name)
 
     async def pause(self, worker: RunningWorker) -> None:
+        """docker pause: the cgroup freezer stops every process of the container."""
         assert isinstance(worker, DockerWorker)
-        await worker.container.pause()
+        try:
+            await worker.container.pause()
+        except _ENGINE_ERRORS as exc:
+            raise RuntimeFailure(f"cannot pause container {worker.container_id[:12]}: {exc!r}") from exc
 
     async def resume(self, worker: RunningWorker) -> None:
         assert isinstance(worker, DockerWorker)
-        await worker.container.unpause()
+        try:
+            await worker.container.unpause()
+        except _ENGINE_ERRORS as exc:
+            raise RuntimeFailure(f"cannot unpause container {worker.container_id[:12]}: {exc!r}") from exc
+
+    async def memory_mb(self, worker: RunningWorker) -> int | None:
+        """The container's memory use as `docker stats` shows it (page cache not counted)."""
+        assert isinstance(worker, DockerWorker) and self.docker is not None
+        try:
+            stats = await self.docker._query_json(f"containers/{worker.container_id}/stats",
+                                                  params={"stream": "0", "one-shot": "1"})
+        except _ENGINE_ERRORS as exc:
+            log.warning("cannot read a container's memory", worker_id=worker.worker_id, error=repr(exc))
+            return None
+        memory = stats.get("memory_stats") or {}
+        usage = memory.get("usage")
+        if usage is None:
+            return None
+        detail = memory.get("stats") or {}
+        cache = detail.get("total_inactive_file", detail.get("inactive_file", 0))  # cgroup v1 / v2
+        return round(max(0, usage - cache) / (1024 * 1024))
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def snapshot_ref(self, snapshot: Snapshot) -> str:
+        """runplane-snapshot:<node>-<endpoint and spec>: lowercase and short, as tags must be."""
+        key = hashlib.sha1(f"{snapshot.endpoint_id}/{snapshot.spec_digest}".encode()).hexdigest()[:16]
+        return f"{SNAPSHOT_REPOSITORY}:{node_hash(self.node_id)}-{key}"
+
+    async def snapshot(self, worker: RunningWorker, snapshot: Snapshot) -> None:
+        """docker commit of the worker's container (not paused by the commit: the worker is idle,
+        its initialisation done, and flash boot may be pausing and resuming it meanwhile).
+        Older snapshots of the endpoint on this node are removed."""
+        assert isinstance(worker, DockerWorker) and self.docker is not None
+        ref = self.snapshot_ref(snapshot)
+        repository, tag = ref.split(":")
+        labels = {LABEL_NODE: self.node_id, LABEL_ENDPOINT: snapshot.endpoint_id,
+                  LABEL_SPEC: snapshot.spec_digest, LABEL_SNAPSHOT_OF: snapshot.base_image}
+        changes = ["ENV RUNPOD_AI_API_KEY=", *(f"LABEL {k}={v}" for k, v in labels.items())]
+        try:
+            await worker.container.commit(repository=repository, tag=tag, pause=False, changes=changes,
+                                          message=f"runplane snapshot of worker {worker.worker_id}")
+        except _ENGINE_ERRORS as exc:
+            raise RuntimeFailure(f"cannot commit container {worker.container_id[:12]}: {exc!r}") from exc
+        mine = {"label": [f"{LABEL_NODE}={self.node_id}", f"{LABEL_ENDPOINT}={snapshot.endpoint_id}"],
+                "reference": [SNAPSHOT_REPOSITORY]}
+        with contextlib.suppress(*_ENGINE_ERRORS):
+            for image in await self.docker.images.list(filters=mine):
+                if (image.get("Labels") or {}).get(LABEL_SPEC) != snapshot.spec_digest:
+                    with contextlib.suppress(*_ENGINE_ERRORS):  # in use: left for a later commit
+                        await self.docker.images.delete(image["Id"], force=False)
+
+    async def find_snapshot(self, snapshot: Snapshot) -> str | None:
+        assert self.docker is not None
+        ref = self.snapshot_ref(snapshot)
+        try:
+            info = await self.docker.images.inspect(ref)
+        except _ENGINE_ERRORS:
+            return None
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        return ref if labels.get(LABEL_SPEC) == snapshot.spec_digest else None
 
     # -- a restarted agent ------------------------------------------------------------------
 

@@ -97,7 +97,11 @@ class ProcessWorker(RunningWorker):
         self._signal_group(signal.SIGKILL)
 
     def pause(self) -> None:
+        # The whole group at once, then the leader alone thawed: it only waits for the worker,
+        # and must stay able to take the group down should the agent die meanwhile.
         self._signal_group(signal.SIGSTOP)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGCONT)
 
     def resume(self) -> None:
         self._signal_group(signal.SIGCONT)
@@ -139,12 +143,58 @@ class ProcessRuntime(Runtime):
         return worker
 
     async def pause(self, worker: RunningWorker) -> None:
+        """SIGSTOP to the whole group: the worker and all it started (e.g. the RunPod SDK's
+        heartbeat process); the group leader alone is let go on at once."""
         assert isinstance(worker, ProcessWorker)
         worker.pause()
 
     async def resume(self, worker: RunningWorker) -> None:
         assert isinstance(worker, ProcessWorker)
         worker.resume()
+
+    async def memory_mb(self, worker: RunningWorker) -> int | None:
+        """Memory of the worker's whole process group: the sum of each process's proportional
+        share (PSS: pages a forked helper shares with the worker count once), else its RSS."""
+        assert isinstance(worker, ProcessWorker)
+        if worker.pid is None:
+            return None
+        members = await asyncio.to_thread(group_members, worker.pid)
+        if not members:
+            return None
+        total = await asyncio.to_thread(lambda: sum(_pss_bytes(pid) or rss for pid, _, rss in members))
+        return round(total / (1024 * 1024))
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def _pss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def group_members(pgid: int) -> list[tuple[int, str, int]]:
+    """(pid, state letter, resident bytes) of every process in the group, from /proc."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[2]) == pgid:
+            members.append((int(entry.name), fields[0].decode(), int(fields[21]) * _PAGE_BYTES))
+    return members
 
 
 async def _pump(reader: asyncio.StreamReader, stream: str, output: OutputSink) -> None:

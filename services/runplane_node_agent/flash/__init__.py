@@ -1,0 +1,1 @@
+"""Flash boot: workers paused while idle, the node's pool of parked workers, snapshots."""
