@@ -75,6 +75,9 @@ def remove_node_leftovers(node_id: str) -> list[str]:
     left = [c["Id"][:12] for c in containers(node_id)]
     if left:
         docker("rm", "-f", *left, check=False)
+    snapshots = docker("images", "-q", "--filter", f"label={LABEL_NODE}={node_id}").split()
+    if snapshots:  # flash boot's snapshot images of this node
+        docker("rmi", "-f", *sorted(set(snapshots)), check=False)
     network = f"runplane-{node_id}"
     if docker("network", "ls", "-q", "--filter", f"name=^{network}$").strip():
         docker("network", "rm", network, check=False)

@@ -133,13 +133,17 @@ def test_node_reports_docker_capabilities_without_checkpoint(cluster, echo):
     assert docker("network", "inspect", f"runplane-{cluster.docker_node}")
 
 
-def test_silent_container_is_recycled(cluster, echo):
-    [frozen] = worker_containers(cluster, echo)
+def test_silent_container_is_recycled(cluster):
+    # Without flash boot: the agent itself never pauses this endpoint's idle workers.
+    ep = cluster.create_endpoint(name="docker-silent", imageName=WORKER_IMAGE, workersMin=1, workersMax=1,
+                                 flashboot=False)
+    cluster.wait_workers(ep, 1, timeout_s=90)
+    [frozen] = worker_containers(cluster, ep)
     worker_id = frozen["Config"]["Labels"]["runplane.worker_id"]
     docker("pause", frozen["Id"])  # alive but silent: no pings, no polls
     wait_until(lambda: frozen["Id"] not in docker("ps", "-aq", "--no-trunc"), timeout_s=60, interval_s=0.5,
                what="the silent container removed")
     logs = cluster.services[cluster.docker_node].log_text()
     assert re.search(rf"recycling worker .*reason='no ping for 3 s'.* worker_id={worker_id}", logs)
-    cluster.wait_workers(echo, 1, timeout_s=60)
-    assert run_sync(cluster, echo, {"text": "after silence"})["status"] == "COMPLETED"
+    cluster.wait_workers(ep, 1, timeout_s=60)
+    assert run_sync(cluster, ep, {"text": "after silence"})["status"] == "COMPLETED"
