@@ -6,7 +6,7 @@ memory. With INIT_MARKER set, the first initialisation writes that file and late
 find it (a snapshot of an initialised worker) skip the sleep, as a worker would skip
 downloading weights it finds on disk.
 
-Each job returns {"input", "pid", "init_skipped", "init_s"}.
+Each job returns {"input", "pid", "init_skipped", "init_s", "gpus"} (gpus: CUDA_VISIBLE_DEVICES).
 """
 
 import os
@@ -29,7 +29,8 @@ init_s = round(time.monotonic() - started, 3)
 
 
 def handler(job):
-    return {"input": job["input"], "pid": os.getpid(), "init_skipped": init_skipped, "init_s": init_s}
+    return {"input": job["input"], "pid": os.getpid(), "init_skipped": init_skipped, "init_s": init_s,
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A background thread keeps a live mirror of the bucket (a real watch) and, on every
 change, records each endpoint's worker count, so a test can assert a bound that held at
-every reported moment (`peak`), not only at the moments it happened to look.
+every reported moment (`peak`), not only at the moments it happened to look. Parked workers
+(flash boot: paused in a node's pool) are not their endpoint's workers and are not counted.
 """
 
 from __future__ import annotations
@@ -62,13 +63,14 @@ class NodeWatch:
         if self._bus is not None:
             await self._bus.close()
 
-    def _changed(self, _key: str) -> None:
+    def _changed(self, _key: str, *_values: object) -> None:
         """Runs on the watch thread after every applied change: record every endpoint's count."""
         assert self._mirror is not None
         counts: dict[str, int] = {}
         for status in self._mirror.values():
             for worker in status.workers:
-                counts[worker.endpoint_id] = counts.get(worker.endpoint_id, 0) + 1
+                if worker.state != "parked":
+                    counts[worker.endpoint_id] = counts.get(worker.endpoint_id, 0) + 1
         now = time.monotonic()
         with self._lock:
             for endpoint_id in set(counts) | set(self._history):
@@ -88,17 +90,19 @@ class NodeWatch:
         assert self._mirror is not None
         return dict(self._mirror.items())
 
-    def workers(self, endpoint_id: str, *, on: Iterable[str] | None = None) -> list[tuple[str, WorkerInfo]]:
-        """(node id, worker) for every worker of the endpoint, optionally only on nodes `on`."""
+    def workers(self, endpoint_id: str, *, on: Iterable[str] | None = None,
+                parked: bool = False) -> list[tuple[str, WorkerInfo]]:
+        """(node id, worker) for every worker of the endpoint, optionally only on nodes `on`;
+        its parked workers too with `parked`."""
         keep = None if on is None else set(on)
         return [(node_id, w) for node_id, status in self.nodes().items() if keep is None or node_id in keep
-                for w in status.workers if w.endpoint_id == endpoint_id]
+                for w in status.workers if w.endpoint_id == endpoint_id and (parked or w.state != "parked")]
 
     def count(self, endpoint_id: str) -> int:
         return len(self.workers(endpoint_id))
 
     def peak(self, endpoint_id: str) -> int:
-        """The most workers the endpoint had at any reported moment (every state counted)."""
+        """The most workers the endpoint had at any reported moment (every state but parked counted)."""
         with self._lock:
             return self._peaks.get(endpoint_id, 0)
 

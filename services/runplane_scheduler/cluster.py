@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 import msgspec
 
 from runplane_proto.endpoints import EndpointSpec
-from runplane_proto.nodes import NodeStatus
+from runplane_proto.nodes import NodeStatus, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
 
 
@@ -29,6 +29,8 @@ class PendingStop(msgspec.Struct, frozen=True, kw_only=True):
     endpoint_id: str
     node_id: str
     sent_at_ms: int = 0
+    # Sent with `park`: done once the node reports the worker parked.
+    park: bool = False
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,24 +91,29 @@ class Pending:
     def reconcile(self, alive: Mapping[str, NodeStatus], now_ms: int) -> list[PendingStart]:
         """Forget what the nodes now report (or what can no longer happen); return the starts
         that timed out without the node ever reporting the worker."""
-        def state_on(node_id: str, worker_id: str) -> str | None:
-            """The worker's state in its node's status, None if the node does not report it."""
+        def reported(node_id: str, worker_id: str) -> WorkerInfo | None:
+            """The worker in its node's status, None if the node does not report it."""
             node = alive.get(node_id)
             for w in node.workers if node is not None else ():
                 if w.worker_id == worker_id:
-                    return w.state
+                    return w
             return None
 
         expired: list[PendingStart] = []
         for worker_id, start in list(self.starts.items()):
-            if start.node_id not in alive or state_on(start.node_id, worker_id) is not None:
+            worker = reported(start.node_id, worker_id) if start.node_id in alive else None
+            # A start naming a parked worker (a resume) is done once it is no longer parked.
+            if start.node_id not in alive or (worker is not None and worker.state != "parked"):
                 del self.starts[worker_id]
             elif now_ms - start.sent_at_ms > self.timeout_ms:
                 del self.starts[worker_id]
                 expired.append(start)
         for worker_id, stop in list(self.stops.items()):
-            state = state_on(stop.node_id, worker_id)
-            if state is None or state == "stopping" or now_ms - stop.sent_at_ms > self.timeout_ms:
+            worker = reported(stop.node_id, worker_id)
+            # Done: gone, stopping, parked (for a stop with `park`), or busy (it took a job meanwhile:
+            # the node refused the stop, or a parked worker woke for the job).
+            if worker is None or worker.state == "stopping" or (stop.park and worker.state == "parked") \
+                    or worker.jobs or now_ms - stop.sent_at_ms > self.timeout_ms:
                 del self.stops[worker_id]
         return expired
 

@@ -210,7 +210,7 @@ class Scheduler:
                 gpu_uuids=message.gpu_uuids, sent_at_ms=now_ms))
         else:
             self.pending.stop_sent(PendingStop(worker_id=message.worker_id, endpoint_id=command.endpoint_id,
-                                               node_id=command.node_id, sent_at_ms=now_ms))
+                                               node_id=command.node_id, sent_at_ms=now_ms, park=message.park))
         task = asyncio.ensure_future(self._deliver(command))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)

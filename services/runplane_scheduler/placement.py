@@ -17,6 +17,17 @@ worker goes through named stages:
 
 Endpoints take turns, one worker each per round, so one endpoint cannot starve the
 others of the last free GPU. When nothing fits, the plan says why (`Plan.unplaced`).
+
+Flash boot: surplus workers of a flash endpoint are stopped with `park` (the node may keep
+them paused in its pool). A *parked* worker is not one of its endpoint's workers and takes
+no worker slot, but holds its GPUs. To add a worker to an endpoint with parked workers, the
+plan first resumes one (a StartWorker naming it, with its GPUs; the most recently used, on
+a node that can take it) before any cold start. When no free GPU fits anywhere, a GPU held
+only by a parked worker of another endpoint may be given to a new worker (the node evicts
+the parked worker first), fewest evictions first. An endpoint's parked workers are evicted
+(a stop without `park`), least recently used first, beyond `workersMax` live and parked
+together (a parked worker wakes by itself for a job), when the endpoint changed after they
+started, or when it is deleted.
 """
 
 from __future__ import annotations
@@ -75,12 +86,15 @@ def desired_workers(spec: EndpointSpec, target: ScaleTarget | None) -> int:
 @dataclass
 class NodeUse:
     node: NodeStatus
+    # Held by any worker (a stopping or parked one too), a start in flight or a start planned.
     used_gpus: set[str] | frozenset[str] = field(default_factory=set)
-    # Workers in any state, starts in flight and starts planned: each takes a worker slot.
+    # Workers in any state but parked, starts in flight and starts planned: each takes a worker slot.
     workers: int = 0
     # Bumped by every assignment, so cached options for this node can be told apart.
     version: int = 0
     _free: dict[str, list[GpuInfo]] | None = None
+    # GPUs of parked workers that may be evicted for another endpoint: uuid -> the worker.
+    parked_gpus: dict[str, WorkerInfo] = field(default_factory=dict)
 
     def slots(self, workers_per_cpu: float) -> int:
         return max(1, math.floor(self.node.cpu_count * workers_per_cpu))
@@ -98,8 +112,23 @@ class NodeUse:
     def assign(self, gpu_uuids: tuple[str, ...] | list[str]) -> None:
         self.workers += 1
         self.used_gpus = self.used_gpus | set(gpu_uuids)  # may be shared with a NodeView: no update()
+        if self.parked_gpus:
+            # A parked worker holding any of them is evicted by the node: none of its GPUs is
+            # handed out again before the node reports it gone.
+            evicted = {self.parked_gpus[u].worker_id for u in gpu_uuids if u in self.parked_gpus}
+            self.parked_gpus = {u: w for u, w in self.parked_gpus.items() if w.worker_id not in evicted}
         self.version += 1
         self._free = None
+
+    def evictable_groups(self, endpoint_id: str) -> dict[str, list[GpuInfo]]:
+        """Free GPUs and those held only by parked workers of other endpoints, grouped by
+        normalised name, the free ones first in each group."""
+        groups: dict[str, list[GpuInfo]] = {}
+        for g in sorted(self.node.gpus, key=lambda g: (g.uuid in self.used_gpus, g.index, g.uuid)):
+            holder = self.parked_gpus.get(g.uuid)
+            if g.uuid not in self.used_gpus or (holder is not None and holder.endpoint_id != endpoint_id):
+                groups.setdefault(_norm(g.name), []).append(g)
+        return groups
 
 
 @dataclass(frozen=True)
@@ -115,7 +144,7 @@ class NodeView:
     """What placement derives from one node's worker list, kept while the list is unchanged
     (a heartbeat rewrites a node's status every second; its workers rarely change)."""
 
-    __slots__ = ("by_endpoint", "gpus", "ids", "used_gpus", "workers", "_free")
+    __slots__ = ("by_endpoint", "gpus", "ids", "parked", "used_gpus", "workers", "_free")
 
     def __init__(self, node: NodeStatus) -> None:
         self.workers = node.workers
@@ -124,8 +153,12 @@ class NodeView:
         self.ids = frozenset(w.worker_id for w in node.workers)
         self.used_gpus = frozenset(u for w in node.workers for u in w.gpu_uuids)
         self.by_endpoint: dict[str, list[Live]] = {}
+        # Parked workers: in the node's pool, not one of their endpoint's workers.
+        self.parked: list[Live] = []
         for w in node.workers:
-            if w.state != "stopping":
+            if w.state == "parked":
+                self.parked.append(Live(w.worker_id, node.node_id, w))
+            elif w.state != "stopping":
                 self.by_endpoint.setdefault(w.endpoint_id, []).append(Live(w.worker_id, node.node_id, w))
 
 
@@ -142,60 +175,127 @@ class NodeViews:
 
     def __init__(self) -> None:
         self._views: dict[str, NodeView] = {}
+        # Bumped whenever a view is made or dropped; with the same nodes and no new view, the
+        # reported workers per endpoint are those of the previous round.
+        self.generation = 0
+        self._reported: tuple[Any, dict[str, list[Live]], frozenset[str]] | None = None
 
     def of(self, node: NodeStatus) -> NodeView:
         view = self._views.get(node.node_id)
-        if view is None or (view.workers is not node.workers and view.workers != node.workers) or (
-                view.gpus is not node.gpus and view.gpus != node.gpus):
+        if view is not None and view.workers is node.workers and view.gpus is node.gpus:
+            return view
+        if view is None or view.workers != node.workers or view.gpus != node.gpus:
             view = self._views[node.node_id] = NodeView(node)
+            self.generation += 1
+        else:  # the same content in a newer status: compare by identity from now on
+            view.workers, view.gpus = node.workers, node.gpus
         return view
 
     def keep_only(self, node_ids: set[str]) -> None:
         for node_id in set(self._views) - node_ids:
             del self._views[node_id]
+            self.generation += 1
+
+    def reported(self, nodes: dict[str, NodeStatus]) -> tuple[dict[str, list[Live]], frozenset[str]] | None:
+        """(live workers per endpoint, all worker ids) as of the last round, if still valid."""
+        for node in nodes.values():
+            self.of(node)
+        if self._reported is None or self._reported[0] != (self.generation, frozenset(nodes)):
+            return None
+        return self._reported[1], self._reported[2]
+
+    def remember(self, nodes: dict[str, NodeStatus], live: dict[str, list[Live]],
+                 ids: frozenset[str]) -> None:
+        self._reported = ((self.generation, frozenset(nodes)), live, ids)
 
 
 def ledger(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, NodeUse]:
     views = views or NodeViews()
     use: dict[str, NodeUse] = {}
+    busy: set[str] | None = None  # parked workers being resumed or evicted
     for node_id, node in snapshot.nodes.items():
-        view = views.of(node)  # a stopping worker still holds its GPUs
-        use[node_id] = NodeUse(node, used_gpus=view.used_gpus, workers=len(node.workers),
-                               _free=view.free_groups() if node.gpus else {})
+        view = views.of(node)  # a stopping or parked worker still holds its GPUs
+        slots_taken = len(node.workers) - len(view.parked)
+        u = use[node_id] = NodeUse(node, used_gpus=view.used_gpus, workers=slots_taken)
+        u._free = view.free_groups() if node.gpus else {}
+        if any(p.info.gpu_uuids for p in view.parked):  # type: ignore[union-attr]
+            if busy is None:
+                busy = {p.worker_id for p in [*snapshot.pending_starts, *snapshot.pending_stops]}
+            u.parked_gpus = {g: p.info for p in view.parked if p.worker_id not in busy
+                             for g in p.info.gpu_uuids}  # type: ignore[union-attr]
     for start in snapshot.pending_starts:
         u = use.get(start.node_id)
-        if u is not None and start.worker_id not in views.of(u.node).ids:
+        if u is None:
+            continue
+        view = views.of(u.node)
+        if start.worker_id not in view.ids:
             u.workers += 1
             u.used_gpus = u.used_gpus | set(start.gpu_uuids)
             u._free = None
+        elif any(p.worker_id == start.worker_id for p in view.parked):  # a resume: a slot again
+            u.workers += 1
     return use
 
 
 def live_workers(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, list[Live]]:
-    """Per endpoint, the workers that count: reported on alive nodes, not stopping and not
-    being stopped by us, plus starts in flight."""
+    """Per endpoint, the workers that count: reported on alive nodes, not stopping, not parked
+    and not being stopped by us, plus starts in flight (resumes of parked workers too)."""
     views = views or NodeViews()
     stopping = {p.worker_id for p in snapshot.pending_stops}
-    seen: set[str] = set()
-    live: dict[str, list[Live]] = {}
+    cached = views.reported(snapshot.nodes) if not stopping else None
+    if cached is not None:  # nothing reported changed since the last round
+        live = {endpoint_id: list(workers) for endpoint_id, workers in cached[0].items()}
+        seen = set(cached[1])
+        return _with_starts(snapshot, live, seen)
+    seen = set()
+    live = {}
     for node_id in sorted(snapshot.nodes):
         node = snapshot.nodes[node_id]
         view = views.of(node)
         if stopping.isdisjoint(view.ids) and seen.isdisjoint(view.ids):
             for endpoint_id, workers in view.by_endpoint.items():
                 live.setdefault(endpoint_id, []).extend(workers)
-            seen |= view.ids
+            seen |= view.ids.difference(p.worker_id for p in view.parked) if view.parked else view.ids
             continue
         for worker in node.workers:  # the general case, worker by worker
-            if worker.state == "stopping" or worker.worker_id in stopping or worker.worker_id in seen:
+            if worker.state in ("stopping", "parked") or worker.worker_id in stopping \
+                    or worker.worker_id in seen:
                 continue
             seen.add(worker.worker_id)
             live.setdefault(worker.endpoint_id, []).append(Live(worker.worker_id, node_id, worker))
+    if not stopping:
+        views.remember(snapshot.nodes, {ep: list(ws) for ep, ws in live.items()}, frozenset(seen))
+    return _with_starts(snapshot, live, seen)
+
+
+def _with_starts(snapshot: Snapshot, live: dict[str, list[Live]], seen: set[str]) -> dict[str, list[Live]]:
     for start in snapshot.pending_starts:
         if start.node_id in snapshot.nodes and start.worker_id not in seen:
             seen.add(start.worker_id)
             live.setdefault(start.endpoint_id, []).append(Live(start.worker_id, start.node_id, None))
     return live
+
+
+def parked_workers(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, list[Live]]:
+    """Per endpoint, its parked workers on alive nodes that are not being resumed or evicted,
+    the most recently used first."""
+    views = views or NodeViews()
+    parked: dict[str, list[Live]] = {}
+    for node_id in sorted(snapshot.nodes):
+        for p in views.of(snapshot.nodes[node_id]).parked:
+            parked.setdefault(p.info.endpoint_id, []).append(p)  # type: ignore[union-attr]
+    if parked:
+        busy = {p.worker_id for p in [*snapshot.pending_starts, *snapshot.pending_stops]}
+        for endpoint_id, workers in list(parked.items()):
+            workers = [w for w in workers if w.worker_id not in busy]
+            workers.sort(key=lambda w: (-_last_used_ms(w), w.worker_id))
+            parked[endpoint_id] = workers
+    return parked
+
+
+def _last_used_ms(worker: Live) -> int:
+    assert worker.info is not None
+    return worker.info.idle_since_ms or worker.info.started_at_ms
 
 
 # -- stage 1: feasible ------------------------------------------------------------------------------
@@ -207,6 +307,8 @@ class Option:
     gpu_uuids: tuple[str, ...]
     type_rank: int
     free_after: int
+    # Parked workers (of other endpoints) the node evicts to free these GPUs.
+    evicts: int = 0
 
 
 def _tokens(name: str) -> list[str]:
@@ -304,6 +406,29 @@ def select(spec: EndpointSpec, use: dict[str, NodeUse], *, workers_per_cpu: floa
     return min(options, key=lambda o: o[0])[1]
 
 
+def select_evicting(spec: EndpointSpec, use: dict[str, NodeUse], *, backoff: dict[str, str]) -> Option | None:
+    """When no free GPUs fit: the best node for one more GPU worker of `spec` if GPUs held only
+    by parked workers of other endpoints count as free. Order: GPU preference, fewest parked
+    workers evicted, then as `score`; free GPUs are taken before parked ones on a node."""
+    best: tuple[tuple[Any, ...], Option] | None = None
+    for node_id in sorted(use):
+        u = use[node_id]
+        if u.node.draining or node_id in backoff or not u.parked_gpus:
+            continue
+        picked = _pick_gpus(spec, u.evictable_groups(spec.id))
+        if picked is None:
+            continue
+        rank, uuids = picked
+        evicts = len({u.parked_gpus[g].worker_id for g in uuids if g in u.parked_gpus})
+        free_after = (sum(len(gs) for gs in u.free_groups().values())
+                      - sum(1 for g in uuids if g not in u.parked_gpus))
+        option = Option(node_id, uuids, rank, max(0, free_after), evicts)
+        key = (rank, evicts, *score(spec, option, u)[1:])
+        if best is None or key < best[0]:
+            best = (key, option)
+    return None if best is None else best[1]
+
+
 def summarise(rejected: list[tuple[str, str]], *, examples: int = 3, groups: int = 5) -> str:
     """Per-node rejections, grouped by reason, most common first, a few node ids each, so the
     text stays short on a fleet of thousands: `2 nodes (n1, n2): draining; ...`."""
@@ -376,6 +501,29 @@ class Chooser:
 # -- the plan ------------------------------------------------------------------------------------------
 
 
+def _stop(victim: Live, endpoint_id: str, why: str, *, park: bool) -> Command:
+    return Command(node_id=victim.node_id, endpoint_id=endpoint_id,
+                   message=StopWorker(worker_id=victim.worker_id, reason=why, park=park))
+
+
+def _evict(victim: Live, endpoint_id: str, why: str, use: dict[str, NodeUse]) -> Command:
+    """Stop a parked worker for good; its GPUs stay held until its node reports it gone."""
+    u = use[victim.node_id]
+    if u.parked_gpus:
+        u.parked_gpus = {g: w for g, w in u.parked_gpus.items() if w.worker_id != victim.worker_id}
+    return _stop(victim, endpoint_id, why, park=False)
+
+
+def _resumable(spec: EndpointSpec, parked: Live, use: dict[str, NodeUse], *, workers_per_cpu: float,
+               backoff: dict[str, str]) -> bool:
+    """A parked worker can be resumed where it is: its node takes work and (CPU endpoints)
+    has a worker slot; a GPU worker already holds its GPUs."""
+    u = use[parked.node_id]
+    if u.node.draining or parked.node_id in backoff:
+        return False
+    return spec.gpu_count > 0 or u.workers < u.slots(workers_per_cpu)
+
+
 def _idle_first(workers: list[Live]) -> list[Live]:
     """Stoppable workers (idle, holding no job), longest idle first."""
     idle = [w for w in workers if w.info is not None and w.info.state == "idle" and not w.info.jobs]
@@ -392,40 +540,85 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
     views = views or NodeViews()
     use = ledger(snapshot, views)
     live = live_workers(snapshot, views)
+    parked = parked_workers(snapshot, views)
     commands: list[Command] = []
     unplaced: list[Unplaced] = []
     missing: dict[str, int] = {}
+    backoff = snapshot.backoff
 
-    for endpoint_id in sorted(set(live) | set(snapshot.endpoints)):
+    for endpoint_id in sorted(set(live) | set(snapshot.endpoints) | set(parked)):
         workers = live.get(endpoint_id, [])
         spec = snapshot.endpoints.get(endpoint_id)
-        if spec is None:  # endpoint deleted: its idle workers go
+        if spec is None:  # endpoint deleted: its idle and parked workers go
             surplus, why = len(workers), "endpoint deleted"
+            for victim in parked.pop(endpoint_id, []):
+                commands.append(_evict(victim, endpoint_id, why, use))
         else:
             want = desired_workers(spec, snapshot.targets.get(endpoint_id))
             surplus, why = len(workers) - want, f"surplus: {len(workers)} workers, {want} wanted"
+            pool = []
+            for p in parked.get(endpoint_id, []):
+                if spec.updated_at_ms > p.info.started_at_ms:  # type: ignore[union-attr]
+                    commands.append(_evict(p, endpoint_id, "endpoint changed since it started", use))
+                else:
+                    pool.append(p)
+            # Resume parked workers (the most recently used first) before any cold start.
+            for p in list(pool):
+                if surplus >= 0:
+                    break
+                if _resumable(spec, p, use, workers_per_cpu=workers_per_cpu, backoff=backoff):
+                    pool.remove(p)
+                    use[p.node_id].workers += 1
+                    use[p.node_id].version += 1
+                    surplus += 1
+                    commands.append(Command(node_id=p.node_id, endpoint_id=endpoint_id, message=StartWorker(
+                        worker_id=p.worker_id, spec=spec, gpu_uuids=list(p.info.gpu_uuids))))  # type: ignore[union-attr]
+            if pool:
+                parked[endpoint_id] = pool
+            else:
+                parked.pop(endpoint_id, None)
             if surplus < 0:
                 missing[endpoint_id] = -surplus
         for victim in (_idle_first(workers)[:surplus] if surplus > 0 else ()):
-            commands.append(Command(node_id=victim.node_id, endpoint_id=endpoint_id,
-                                    message=StopWorker(worker_id=victim.worker_id, reason=why)))
+            commands.append(_stop(victim, endpoint_id, why, park=spec is not None and spec.flashboot))
 
     # Endpoints take turns so that scarce GPUs are shared rather than taken by the first one.
     blocked: dict[str, str] = {}
-    chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=snapshot.backoff)
+    chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=backoff)
     while any(n > 0 for ep, n in missing.items() if ep not in blocked):
         for endpoint_id in sorted(missing):
             if missing[endpoint_id] <= 0 or endpoint_id in blocked:
                 continue
             spec = snapshot.endpoints[endpoint_id]
             chosen = chooser.best(spec)
+            if isinstance(chosen, str) and spec.gpu_count > 0:  # no free GPUs fit: parked workers' GPUs
+                chosen = select_evicting(spec, use, backoff=backoff) or chosen
             if isinstance(chosen, str):
                 blocked[endpoint_id] = chosen
                 continue
+            if chosen.evicts:  # the node evicts them: out of their endpoints' pools
+                taken = set(chosen.gpu_uuids)
+                for pool in parked.values():
+                    pool[:] = [p for p in pool if p.node_id != chosen.node_id
+                               or taken.isdisjoint(p.info.gpu_uuids)]  # type: ignore[union-attr]
             chooser.assign(chosen)
             missing[endpoint_id] -= 1
             commands.append(Command(node_id=chosen.node_id, endpoint_id=endpoint_id, message=StartWorker(
                 worker_id=new_id(), spec=spec, gpu_uuids=list(chosen.gpu_uuids))))
     for endpoint_id, reason in sorted(blocked.items()):
         unplaced.append(Unplaced(endpoint_id=endpoint_id, missing=missing[endpoint_id], reason=reason))
+
+    # Live and parked together stay within workersMax (a parked worker wakes by itself for a
+    # job): the least recently used parked workers beyond it are evicted.
+    for endpoint_id, pool in sorted(parked.items()):
+        if not pool:
+            continue
+        spec = snapshot.endpoints[endpoint_id]
+        # (A surplus worker stopped with `park` counts once: live now, in the pool later.)
+        started = sum(1 for c in commands
+                      if c.endpoint_id == endpoint_id and isinstance(c.message, StartWorker))
+        limit = max(spec.workers_max, spec.workers_min, 0)
+        over = len(live.get(endpoint_id, [])) + started + len(pool) - limit
+        for victim in (pool[::-1][:over] if over > 0 else ()):
+            commands.append(_evict(victim, endpoint_id, "parked beyond workersMax", use))
     return Plan(commands=commands, unplaced=unplaced)

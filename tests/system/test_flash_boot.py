@@ -1,0 +1,123 @@
+"""Flash boot with every service as a process: an idle flash endpoint scales to zero into the
+node's pool of parked workers, its next job wakes the same worker; parked GPU workers hold
+their GPUs (fake NVML GPUs) until a worker of another endpoint needs them."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+
+import pytest
+
+from runplane_testing.cluster import ROOT, Cluster, python_command
+from runplane_testing.nodewatch import NodeWatch
+from runplane_testing.waiting import wait_until
+
+from .conftest import FAST_ENV
+
+pytestmark = pytest.mark.system
+FLASH = python_command("examples/flash/handler.py")
+IDLE_TIMEOUT_S = 1
+
+
+def _flash_endpoint(cluster, name: str, **spec: object) -> str:
+    body: dict[str, object] = {"name": name, "command": FLASH, "workersMin": 0, "workersMax": 1,
+                               "idleTimeout": IDLE_TIMEOUT_S, "flashboot": True}
+    body.update(spec)
+    return cluster.create_endpoint(**body)
+
+
+def _runsync(cluster, ep: str, payload: object) -> dict:
+    with cluster.client() as http:
+        body = http.post(f"/v2/{ep}/runsync?wait=60000", json={"input": payload}).json()
+    assert body["status"] == "COMPLETED", body
+    return body
+
+
+def _parked(watch: NodeWatch, ep: str) -> list:
+    return [w for _, w in watch.workers(ep, parked=True) if w.state == "parked"]
+
+
+def test_an_idle_flash_endpoint_parks_its_worker_and_the_next_job_wakes_it():
+    with Cluster(nodes=1, env=dict(FAST_ENV, RP_PARK_MEMORY_MB="2048")) as cluster, \
+            NodeWatch(cluster.nats.url) as watch:
+        ep = _flash_endpoint(cluster, "flashsys", env={"INIT_S": "1"})
+        first = _runsync(cluster, ep, {"n": 1})
+        worker_id, pid = first["workerId"], first["output"]["pid"]
+        assert first["output"]["init_skipped"] is False and first["output"]["init_s"] >= 1
+
+        # Back to zero workers: the worker is parked (reported, not counted), not stopped.
+        [parked] = wait_until(lambda: _parked(watch, ep) or None, timeout_s=30, what="the worker parked")
+        assert parked.worker_id == worker_id and watch.count(ep) == 0
+        with cluster.client() as http:
+            health = http.get(f"/v2/{ep}/health").json()
+        assert health["workers"]["idle"] + health["workers"]["running"] == 0, health
+
+        # The next job is run by the very same process, woken from the pool.
+        second = _runsync(cluster, ep, {"n": 2})
+        assert second["workerId"] == worker_id and second["output"]["pid"] == pid
+        assert second["output"]["input"] == {"n": 2}
+        wait_until(lambda: _parked(watch, ep) or None, timeout_s=30, what="parked again")
+        assert watch.peak(ep) == 1  # never more than workersMax, parked ones included in the pool
+
+
+def test_parked_gpu_workers_hold_their_gpu_until_another_endpoint_needs_it(tmp_path):
+    lib = tmp_path / "fake-nvml"
+    lib.mkdir()
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib / "libnvidia-ml.so.1"),
+                    str(ROOT / "tests/fixtures/fake_nvml/fake_nvml.c")], check=True)
+    with Cluster(nodes=0, env=dict(FAST_ENV)) as cluster, NodeWatch(cluster.nats.url) as watch:
+        cluster.add_node("gpunode", LD_LIBRARY_PATH=str(lib), FAKE_NVML_GPUS="1:NVIDIA H100 80GB HBM3:81559",
+                         FAKE_NVML_NODE="flash", RP_PARK_MEMORY_MB="4096")
+        shared = _SharedGpuCheck(watch)
+        with shared:
+            a = _flash_endpoint(cluster, "gpu-a", gpuCount=1, gpuTypeIds=["H100"])
+            b = _flash_endpoint(cluster, "gpu-b", gpuCount=1, gpuTypeIds=["H100"])
+            first_a = _runsync(cluster, a, {"who": "a"})
+            [gpu] = first_a["output"]["gpus"].split(",")
+            [parked_a] = wait_until(lambda: _parked(watch, a) or None, timeout_s=30, what="A parked")
+            assert parked_a.gpu_uuids == [gpu]  # a parked worker still holds its GPU
+
+            # B needs the node's only GPU: A's parked worker is evicted for it.
+            first_b = _runsync(cluster, b, {"who": "b"})
+            assert first_b["output"]["gpus"] == gpu
+            wait_until(lambda: not watch.workers(a, parked=True) or None, timeout_s=30, what="A evicted")
+            wait_until(lambda: _parked(watch, b) or None, timeout_s=30, what="B parked")
+
+            # And back: A gets it again (a fresh worker), B's parked worker evicted.
+            again_a = _runsync(cluster, a, {"who": "a again"})
+            assert again_a["output"]["gpus"] == gpu and again_a["workerId"] != first_a["workerId"]
+            # B's next job resumes nothing (evicted) and waits for the GPU that A's worker holds
+            # until A scales back to zero and parks: then B evicts it again.
+            assert _runsync(cluster, b, {"who": "b again"})["output"]["gpus"] == gpu
+        assert shared.samples > 10 and not shared.violations, shared.violations
+
+
+class _SharedGpuCheck:
+    """Samples every node's status while the test runs: a GPU is never held by two workers."""
+
+    def __init__(self, watch: NodeWatch) -> None:
+        self.watch = watch
+        self.samples = 0
+        self.violations: list[object] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _SharedGpuCheck:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for status in self.watch.nodes().values():
+                holders: dict[str, str] = {}
+                for worker in status.workers:
+                    for uuid in worker.gpu_uuids:
+                        if uuid in holders:
+                            self.violations.append((uuid, holders[uuid], worker.worker_id))
+                        holders[uuid] = worker.worker_id
+            self.samples += 1
