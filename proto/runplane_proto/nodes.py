@@ -52,6 +52,10 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     started_at_ms: int = 0
     heartbeat_at_ms: int = 0
     draining: bool = False
+    # Memory the kernel says is available now, and the worker disk (`RP_DISK_PATH`, "/").
+    memory_available_mb: int = 0
+    disk_total_mb: int = 0
+    disk_free_mb: int = 0
 
 
 class StartWorker(msgspec.Struct, frozen=True, kw_only=True, tag="start_worker"):

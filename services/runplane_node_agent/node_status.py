@@ -12,7 +12,7 @@ from runplane_proto.nodes import NodeStatus
 from runplane_service.clock import Clock
 
 from runplane_node_agent import metrics
-from runplane_node_agent.inventory.host import HostInventory
+from runplane_node_agent.inventory.host import HostInventory, read_usage
 from runplane_node_agent.inventory.nvml import GpuSnapshot
 from runplane_node_agent.runtimes.base import Capability, Runtime
 from runplane_node_agent.settings import AgentSettings
@@ -57,6 +57,7 @@ class StatusPublisher:
 
     def snapshot(self) -> NodeStatus:
         host = self.inventory.host
+        usage = read_usage(self.settings.disk_path)
         capabilities = sorted(c.value for c in self.runtime.capabilities
                               if c is not Capability.GPU or self.gpus.gpus)
         workers = [w.info() for w in self.supervisor.workers.values()]
@@ -71,6 +72,8 @@ class StatusPublisher:
             gpus=list(self.gpus.gpus), driver_version=self.gpus.driver_version,
             cuda_version=self.gpus.cuda_version, workers=workers, started_at_ms=self.started_at_ms,
             heartbeat_at_ms=self.clock.now_ms(), draining=self.draining,
+            memory_available_mb=usage.memory_available_mb, disk_total_mb=usage.disk_total_mb,
+            disk_free_mb=usage.disk_free_mb,
         )
 
     async def write(self) -> None:

@@ -28,6 +28,8 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Limits for each container worker (docker runtime); 0: none.
     worker_memory_mb: int = 0
     worker_cpus: float = 0.0
+    # The disk whose size and free space the node reports.
+    disk_path: str = "/"
     ack_wait_s: float = 30.0
     max_attempts: int = 3
     heartbeat_s: float = 1.0
@@ -83,6 +85,7 @@ def from_env() -> AgentSettings:
         runtime=env_str("RP_RUNTIME", "process"),
         worker_memory_mb=env_int("RP_WORKER_MEMORY_MB", 0),
         worker_cpus=env_float("RP_WORKER_CPUS", 0.0),
+        disk_path=env_str("RP_DISK_PATH", "/"),
         ack_wait_s=env_float("RP_ACK_WAIT_S", 30.0),
         max_attempts=env_int("RP_MAX_ATTEMPTS", 3),
         heartbeat_s=env_float("RP_HEARTBEAT_S", 1.0),

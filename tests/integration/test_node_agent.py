@@ -54,6 +54,10 @@ async def test_runpod_worker_completes_a_job(bus, agent, echo):
     status = (await bus.nodes.get(s.node_key(agent.settings.node_id))).value
     assert status.runtime == "process" and "pause" in status.capabilities and status.cpu_count >= 1
     assert status.gpus == [] and "gpu" not in status.capabilities
+    import shutil
+    disk = shutil.disk_usage("/")
+    assert status.disk_total_mb == disk.total // 2**20 and 0 < status.disk_free_mb <= status.disk_total_mb
+    assert 0 < status.memory_available_mb <= status.memory_total_mb
     info = await wait_worker_state(bus, agent.settings.node_id, worker_id, "idle",
                                    where=lambda i: i.idle_since_ms >= record.completed_at_ms)
     assert info.endpoint_id == ep and info.jobs == []

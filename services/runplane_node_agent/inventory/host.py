@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,33 @@ class HostFacts:
 def read_host() -> HostFacts:
     return HostFacts(hostname=socket.gethostname(), cpu_count=os.cpu_count() or 1,
                      memory_total_mb=_memory_total_mb())
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    memory_available_mb: int
+    disk_total_mb: int
+    disk_free_mb: int
+
+
+def read_usage(disk_path: str = "/") -> HostUsage:
+    """What changes while the node runs: available memory and the disk's size and free space
+    (0 when unknown)."""
+    available_mb = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available_mb = int(line.split()[1]) // 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        disk = shutil.disk_usage(disk_path)
+        total_mb, free_mb = disk.total // (1024 * 1024), disk.free // (1024 * 1024)
+    except OSError:
+        total_mb = free_mb = 0
+    return HostUsage(memory_available_mb=available_mb, disk_total_mb=total_mb, disk_free_mb=free_mb)
 
 
 def _memory_total_mb() -> int:
