@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runplane_proto import endpoints, jobs, leases, nodes, scaling
+from runplane_proto import endpoints, jobs, leases, logs, nodes, scaling
 from runplane_proto.ids import check_id
 
 # JetStream streams
@@ -73,6 +73,11 @@ def webhook_due(endpoint_id: str) -> str:
 
 def node_cmd(node_id: str) -> str:
     return f"rp.node.{check_id(node_id, 'node')}.cmd"
+
+
+def node_logs(node_id: str) -> str:
+    """Request/reply: a node agent's last worker log lines (`WorkerLogsRequest`)."""
+    return f"rp.node.{check_id(node_id, 'node')}.logs"
 
 
 def job_key(endpoint_id: str, job_id: str) -> str:
@@ -146,6 +151,11 @@ REGISTRY: tuple[Channel, ...] = (
             "A job with a webhook became terminal; one gateway replica delivers it."),
     Channel("node commands", "rp.node.<node>.cmd", "request/reply", nodes.NodeCommand,
             ("scheduler",), ("node-agent",), "Start or stop a worker; answered with CommandReply."),
+    Channel("worker logs", "rp.node.<node>.logs", "request/reply", logs.WorkerLogsRequest,
+            ("gateway",), ("node-agent",),
+            "The last lines an agent's workers printed (kept in memory per worker, a few hundred "
+            "each); answered with WorkerLogsReply. What `runplane logs` and `/v1/endpoints/<id>/logs` "
+            "read; lines printed while no agent kept them are not there."),
     Channel("job records", f"KV {KV_JOBS}: <endpoint>.<job>", "kv", jobs.JobRecord,
             ("gateway", "node-agent", "scheduler"), ("gateway", "node-agent", "scheduler"),
             "The job's state; compare-and-set writes."),

@@ -1,4 +1,5 @@
-"""The management API: `/v1/endpoints` (create, list, get, patch, delete)."""
+"""The management API: `/v1/endpoints` (create, list, get, patch, delete), and what runs:
+`/v1/nodes`, an endpoint's workers, recent jobs and worker logs."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.ids import is_valid_id, new_endpoint_id
 from runplane_service.clock import Clock
-from runplane_gateway import specs
+from runplane_gateway import fleet, specs
 from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.errors import ApiError, json_response
+from runplane_gateway.job_list import MAX_LIMIT as MAX_JOBS, recent_jobs
 from runplane_gateway.jobs import Jobs
 from runplane_gateway.limits import read_body
 from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.wire import Deleted, encoder
+from runplane_gateway.worker_logs import MAX_LIMIT as MAX_LOG_LINES, decode_cursor, endpoint_logs
 
 log = structlog.get_logger("runplane.gateway.v1")
 
@@ -41,6 +44,10 @@ class ManagementApi:
             Route("/v1/endpoints/{endpoint_id}", self.get_endpoint, methods=["GET"]),
             Route("/v1/endpoints/{endpoint_id}", self.patch_endpoint, methods=["PATCH"]),
             Route("/v1/endpoints/{endpoint_id}", self.delete_endpoint, methods=["DELETE"]),
+            Route("/v1/endpoints/{endpoint_id}/workers", self.list_workers, methods=["GET"]),
+            Route("/v1/endpoints/{endpoint_id}/jobs", self.list_jobs, methods=["GET"]),
+            Route("/v1/endpoints/{endpoint_id}/logs", self.worker_logs, methods=["GET"]),
+            Route("/v1/nodes", self.list_nodes, methods=["GET"]),
         ]
 
     async def create_endpoint(self, request: Request) -> Response:
@@ -97,11 +104,55 @@ class ManagementApi:
         log.info("endpoint deleted", endpoint_id=endpoint_id, purged_jobs=purged)
         return json_response(encoder.encode(Deleted(id=endpoint_id)))
 
+    async def list_nodes(self, _: Request) -> Response:
+        found = await fleet.nodes(self.bus, now_ms=self.clock.now_ms(),
+                                  node_loss_timeout_s=self.settings.node_loss_timeout_s)
+        return json_response(encoder.encode(found))
+
+    async def list_workers(self, request: Request) -> Response:
+        spec = await self._stored(request.path_params["endpoint_id"])
+        found = await fleet.workers(self.bus, spec.id, now_ms=self.clock.now_ms(),
+                                    node_loss_timeout_s=self.settings.node_loss_timeout_s)
+        return json_response(encoder.encode(found))
+
+    async def list_jobs(self, request: Request) -> Response:
+        spec = await self._stored(request.path_params["endpoint_id"])
+        limit = _limit(request, default=50, most=MAX_JOBS)
+        status = request.query_params.get("status") or None
+        found = await recent_jobs(self.bus, spec.id, self.settings, now_ms=self.clock.now_ms(), limit=limit,
+                                  status=status.upper() if status else None)
+        return json_response(encoder.encode(found))
+
+    async def worker_logs(self, request: Request) -> Response:
+        spec = await self._stored(request.path_params["endpoint_id"])
+        worker_id = request.query_params.get("worker") or None
+        if worker_id is not None and not is_valid_id(worker_id):
+            raise ApiError(400, f"worker: invalid worker id {worker_id!r}")
+        view = await endpoint_logs(
+            self.bus, spec.id, worker_id=worker_id, after=decode_cursor(request.query_params.get("after")),
+            limit=_limit(request, default=200, most=MAX_LOG_LINES), now_ms=self.clock.now_ms(),
+            node_loss_timeout_s=self.settings.node_loss_timeout_s,
+        )
+        return json_response(encoder.encode(view))
+
     async def _stored(self, endpoint_id: str) -> EndpointSpec:
         found = await self.bus.endpoints.get(endpoint_id) if is_valid_id(endpoint_id) else None
         if found is None:
             raise _unknown(endpoint_id)
         return found.value
+
+
+def _limit(request: Request, *, default: int, most: int) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None or raw == "":
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = -1
+    if not 0 <= limit <= most:
+        raise ApiError(400, f"limit must be an integer between 0 and {most}, got {raw!r}")
+    return limit
 
 
 def _unknown(endpoint_id: str) -> ApiError:

@@ -168,3 +168,87 @@ class ErrorBody(msgspec.Struct, frozen=True):
 encoder = msgspec.json.Encoder()
 # The top level of a body, each value kept as raw JSON; unknown keys are looked at, not lost.
 body_decoder = msgspec.json.Decoder(dict[str, Raw])
+
+
+# -- fleet views (/v1/nodes, /v1/endpoints/{id}/workers|jobs|logs) ------------------------------
+
+
+class GpuView(msgspec.Struct, frozen=True):
+    index: int
+    uuid: str
+    name: str
+    memoryTotalMb: int
+    memoryUsedMb: int
+    utilizationPct: int
+    # The worker holding it (parked ones included), None when free.
+    workerId: str | None = None
+    endpointId: str | None = None
+
+
+class WorkerView(msgspec.Struct, frozen=True):
+    id: str
+    endpointId: str
+    nodeId: str
+    # initializing | idle | running | parked | stopping
+    state: str
+    startedAtMs: int
+    idleSinceMs: int
+    jobs: list[str]
+    gpuUuids: list[str]
+    gpuNames: list[str]
+
+
+class NodeView(msgspec.Struct, frozen=True):
+    id: str
+    hostname: str
+    runtime: str
+    capabilities: list[str]
+    cpuCount: int
+    memoryTotalMb: int
+    driverVersion: str | None
+    cudaVersion: str | None
+    gpus: list[GpuView]
+    gpusFree: int
+    gpusUsed: int
+    workers: list[WorkerView]
+    startedAtMs: int
+    heartbeatAtMs: int
+    draining: bool
+    # Heartbeat older than RP_NODE_LOSS_TIMEOUT_S: the scheduler is about to drop it.
+    lost: bool
+
+
+class JobSummary(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One line of an endpoint's recent jobs (no input or output)."""
+
+    id: str
+    status: str
+    submittedAtMs: int
+    startedAtMs: int | None = None
+    completedAtMs: int | None = None
+    delayTime: int | None = None
+    executionTime: int | None = None
+    workerId: str | None = None
+    nodeId: str | None = None
+    attempts: int = 0
+    retries: int = 0
+    error: str | None = None
+    lowPriority: bool = False
+    sync: bool = False
+
+
+class LogLineView(msgspec.Struct, frozen=True, omit_defaults=True):
+    atMs: int
+    nodeId: str
+    workerId: str
+    stream: str
+    line: str
+    jobId: str | None = None
+
+
+class LogsView(msgspec.Struct, frozen=True):
+    lines: list[LogLineView]
+    # Give it back as `?after=` to get only newer lines.
+    cursor: str
+    # Nodes that did not answer (an agent without worker logs, or one that is down).
+    unreachable: list[str] = []

@@ -30,6 +30,7 @@ from runplane_node_agent.node_status import StatusPublisher
 from runplane_node_agent.settings import ANY_HOST, AgentSettings, from_env
 from runplane_node_agent.supervisor import Supervisor
 from runplane_node_agent.worker_api import WorkerApi
+from runplane_node_agent.worker_logs import WorkerLogs
 
 log = structlog.get_logger("runplane.node_agent")
 
@@ -95,6 +96,8 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     await status.read_gpus()
     jobs = Jobs(bus, settings, clock, supervisor, on_change=status.changed)
     supervisor.release_jobs = jobs.release_worker
+    worker_logs = WorkerLogs(settings.node_id, clock)
+    supervisor.worker_output = worker_logs.record
 
     app = Starlette(routes=WorkerApi(supervisor, jobs).routes() + list(METRICS_ROUTES))
     http_stop = asyncio.Event()
@@ -107,6 +110,7 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     await supervisor.adopt(lambda endpoint_id: _endpoint_spec(bus, endpoint_id))
 
     await Commands(bus, settings.node_id, supervisor, jobs).subscribe()
+    await worker_logs.serve(bus)
     await status.write()  # visible to the scheduler before the first heartbeat
     status_task = asyncio.ensure_future(status.run())
     housekeeping_task = asyncio.ensure_future(_housekeeping(jobs, supervisor))
@@ -145,6 +149,7 @@ def main() -> None:
     except SettingsError as exc:
         print(f"node agent: {exc}", file=sys.stderr)
         sys.exit(2)
+    structlog.contextvars.bind_contextvars(node_id=settings.node_id)
 
     async def service(stack: contextlib.AsyncExitStack, stop: asyncio.Event) -> None:
         agent = await start_agent(settings, stack)

@@ -97,6 +97,8 @@ class Worker:
 
 # Called after a worker's process ended, with why; releases the jobs it held.
 ReleaseJobs = Callable[[Worker, str], Awaitable[None]]
+# Also given every line a worker prints: (worker_id, endpoint_id, stream, line, job_id).
+WorkerOutput = Callable[[str, str, str, str, "str | None"], None]
 
 
 class Supervisor:
@@ -115,6 +117,7 @@ class Supervisor:
         self.workers: dict[str, Worker] = {}
         self.base_url = ""  # set once the HTTP server is bound
         self.release_jobs: ReleaseJobs | None = None
+        self.worker_output: WorkerOutput | None = None
         self.closing = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -213,7 +216,7 @@ class Supervisor:
     async def adopt(self, spec_of: Callable[[str], Awaitable[EndpointSpec | None]]) -> None:
         """Take over the workers an earlier agent on this node left running (containers outlive
         the agent); those of deleted endpoints are stopped. Before any command is taken."""
-        found: list[Adopted] = await self.runtime.adopt(self.base_url, _output_sink)
+        found: list[Adopted] = await self.runtime.adopt(self.base_url, self._sink)
         for adopted in found:
             spec = await spec_of(adopted.endpoint_id)
             if spec is None:
@@ -311,7 +314,7 @@ class Supervisor:
             env=self.worker_env(worker), gpu_uuids=worker.gpu_uuids, image=image,
             labels={"runplane.worker_id": worker.worker_id, "runplane.endpoint_id": worker.endpoint_id},
         )
-        handle = await self.runtime.start(launch, _output_sink(worker.worker_id, worker.endpoint_id))
+        handle = await self.runtime.start(launch, self._sink(worker.worker_id, worker.endpoint_id))
         wid, ep = worker.worker_id, worker.endpoint_id
         worker.handle = handle
         metrics.WORKER_STARTS.labels(endpoint=ep).inc()
@@ -364,6 +367,9 @@ class Supervisor:
             del self.workers[worker.worker_id]
             self.on_change()
 
+    def _sink(self, worker_id: str, endpoint_id: str) -> OutputSink:
+        return _output_sink(worker_id, endpoint_id, self.worker_output)
+
     def _spawn_task(self, coro: Awaitable) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -397,7 +403,7 @@ class Supervisor:
         return env
 
 
-def _output_sink(worker_id: str, endpoint_id: str) -> OutputSink:
+def _output_sink(worker_id: str, endpoint_id: str, tee: WorkerOutput | None = None) -> OutputSink:
     """Worker output into the agent's log. The RunPod SDK prints JSON lines
     (`{"requestId", "message", "level"}`) once RUNPOD_ENDPOINT_ID is set: keep their fields."""
     worker_log = log.bind(worker_id=worker_id, endpoint_id=endpoint_id)
@@ -413,7 +419,11 @@ def _output_sink(worker_id: str, endpoint_id: str) -> OutputSink:
                 emit = worker_log.error if level == "ERROR" else worker_log.warning \
                     if level.startswith("WARN") else worker_log.debug if level == "DEBUG" else worker_log.info
                 emit(str(fields["message"]), stream=stream, job_id=fields.get("requestId"))
+                if tee is not None:
+                    tee(worker_id, endpoint_id, stream, str(fields["message"]), fields.get("requestId"))
                 return
         worker_log.info(line, stream=stream)
+        if tee is not None:
+            tee(worker_id, endpoint_id, stream, line, None)
 
     return output

@@ -12,6 +12,7 @@ from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.jobs import JobEvent, JobQueued, JobRecord, StreamChunk, CancelJob, WebhookDue
 from runplane_proto.nodes import CommandReply, NodeCommand, NodeStatus
 from runplane_proto.leases import Lease
+from runplane_proto.logs import WorkerLogsReply, WorkerLogsRequest
 from runplane_proto.scaling import PlacementStatus, ScaleTarget
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -20,7 +21,8 @@ TYPES = {
     "stream_chunk": StreamChunk, "cancel_job": CancelJob, "webhook_due": WebhookDue,
     "endpoint_spec": EndpointSpec, "node_status": NodeStatus, "start_worker": NodeCommand,
     "stop_worker": NodeCommand, "command_reply": CommandReply, "scale_target": ScaleTarget, "lease": Lease,
-    "placement_status": PlacementStatus,
+    "placement_status": PlacementStatus, "worker_logs_request": WorkerLogsRequest,
+    "worker_logs_reply": WorkerLogsReply,
 }
 
 
