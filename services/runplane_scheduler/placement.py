@@ -144,11 +144,12 @@ class NodeView:
     """What placement derives from one node's worker list, kept while the list is unchanged
     (a heartbeat rewrites a node's status every second; its workers rarely change)."""
 
-    __slots__ = ("by_endpoint", "gpus", "ids", "parked", "used_gpus", "workers", "_free")
+    __slots__ = ("by_endpoint", "gpus", "ids", "parked", "shape", "used_gpus", "workers", "_free")
 
     def __init__(self, node: NodeStatus) -> None:
         self.workers = node.workers
         self.gpus = node.gpus
+        self.shape = (node.draining, node.cpu_count)
         self._free: dict[str, list[GpuInfo]] | None = None
         self.ids = frozenset(w.worker_id for w in node.workers)
         self.used_gpus = frozenset(u for w in node.workers for u in w.gpu_uuids)
@@ -179,12 +180,17 @@ class NodeViews:
         # reported workers per endpoint are those of the previous round.
         self.generation = 0
         self._reported: tuple[Any, dict[str, list[Live]], frozenset[str]] | None = None
+        # Chooser heaps as first built, by shape, valid while `heaps_key` is the round's key.
+        self.heaps_key: Any = None
+        self.heaps: dict[tuple[int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
 
     def of(self, node: NodeStatus) -> NodeView:
         view = self._views.get(node.node_id)
-        if view is not None and view.workers is node.workers and view.gpus is node.gpus:
+        if view is not None and view.workers is node.workers and view.gpus is node.gpus and (
+                view.shape == (node.draining, node.cpu_count)):
             return view
-        if view is None or view.workers != node.workers or view.gpus != node.gpus:
+        if view is None or view.workers != node.workers or view.gpus != node.gpus or (
+                view.shape != (node.draining, node.cpu_count)):
             view = self._views[node.node_id] = NodeView(node)
             self.generation += 1
         else:  # the same content in a newer status: compare by identity from now on
@@ -461,11 +467,14 @@ class Chooser:
     exactly `select`'s choice, at O(log nodes) per worker instead of O(nodes).
     """
 
-    def __init__(self, use: dict[str, NodeUse], *, workers_per_cpu: float, backoff: dict[str, str]) -> None:
+    def __init__(self, use: dict[str, NodeUse], *, workers_per_cpu: float, backoff: dict[str, str],
+                 cache: dict[tuple[int, tuple[str, ...]], list[tuple[Any, ...]]] | None = None) -> None:
         self.use = use
         self.workers_per_cpu = workers_per_cpu
         self.backoff = backoff
         self.heaps: dict[tuple[int, tuple[str, ...]], tuple[EndpointSpec, list[tuple[Any, ...]]]] = {}
+        # Heaps built in an earlier round from the same ledger (the caller vouches for that).
+        self.cache = cache
 
     def _option(self, spec: EndpointSpec, node_id: str) -> Option | str:
         return feasible(spec, self.use[node_id], workers_per_cpu=self.workers_per_cpu,
@@ -474,12 +483,18 @@ class Chooser:
     def best(self, spec: EndpointSpec) -> Option | str:
         key = shape(spec)
         if key not in self.heaps:
-            entries = []
-            for node_id, u in self.use.items():
-                found = self._option(spec, node_id)
-                if isinstance(found, Option):
-                    entries.append((score(spec, found, u), u.version, found))
-            heapq.heapify(entries)
+            cached = self.cache.get(key) if self.cache is not None else None
+            if cached is not None:
+                entries = list(cached)  # a copy of a heap is a heap
+            else:
+                entries = []
+                for node_id, u in self.use.items():
+                    found = self._option(spec, node_id)
+                    if isinstance(found, Option):
+                        entries.append((score(spec, found, u), u.version, found))
+                heapq.heapify(entries)
+                if self.cache is not None:
+                    self.cache[key] = list(entries)
             self.heaps[key] = (spec, entries)
         heap = self.heaps[key][1]
         while heap:
@@ -546,6 +561,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
     missing: dict[str, int] = {}
     backoff = snapshot.backoff
 
+    touched = False  # the ledger changed before choosing (resumes, evictions): no cached heaps
     for endpoint_id in sorted(set(live) | set(snapshot.endpoints) | set(parked)):
         workers = live.get(endpoint_id, [])
         spec = snapshot.endpoints.get(endpoint_id)
@@ -553,6 +569,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
             surplus, why = len(workers), "endpoint deleted"
             for victim in parked.pop(endpoint_id, []):
                 commands.append(_evict(victim, endpoint_id, why, use))
+                touched = True
         else:
             want = desired_workers(spec, snapshot.targets.get(endpoint_id))
             surplus, why = len(workers) - want, f"surplus: {len(workers)} workers, {want} wanted"
@@ -560,6 +577,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
             for p in parked.get(endpoint_id, []):
                 if spec.updated_at_ms > p.info.started_at_ms:  # type: ignore[union-attr]
                     commands.append(_evict(p, endpoint_id, "endpoint changed since it started", use))
+                    touched = True
                 else:
                     pool.append(p)
             # Resume parked workers (the most recently used first) before any cold start.
@@ -570,6 +588,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
                     pool.remove(p)
                     use[p.node_id].workers += 1
                     use[p.node_id].version += 1
+                    touched = True
                     surplus += 1
                     commands.append(Command(node_id=p.node_id, endpoint_id=endpoint_id, message=StartWorker(
                         worker_id=p.worker_id, spec=spec, gpu_uuids=list(p.info.gpu_uuids))))  # type: ignore[union-attr]
@@ -584,7 +603,15 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
 
     # Endpoints take turns so that scarce GPUs are shared rather than taken by the first one.
     blocked: dict[str, str] = {}
-    chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=backoff)
+    cache = None
+    if not touched and any(n > 0 for n in missing.values()):
+        round_key = (views.generation, frozenset(snapshot.nodes), workers_per_cpu,
+                     tuple(p.worker_id for p in snapshot.pending_starts),
+                     tuple(p.worker_id for p in snapshot.pending_stops), tuple(sorted(backoff.items())))
+        if views.heaps_key != round_key:
+            views.heaps_key, views.heaps = round_key, {}
+        cache = views.heaps
+    chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=backoff, cache=cache)
     while any(n > 0 for ep, n in missing.items() if ep not in blocked):
         for endpoint_id in sorted(missing):
             if missing[endpoint_id] <= 0 or endpoint_id in blocked:
