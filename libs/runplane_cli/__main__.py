@@ -1,0 +1,3 @@
+from runplane_cli.main import main
+
+main()
