@@ -13,6 +13,7 @@ from starlette.routing import Route
 from runplane_bus import Bus, Conflict
 from runplane_service.clock import Clock
 from runplane_service.metrics import metrics as metrics_endpoint
+from runplane_gateway import dashboard
 from runplane_gateway.auth import AuthMiddleware
 from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.chunks import ChunkReader
@@ -75,6 +76,7 @@ def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management
         *management.routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        *dashboard.routes(),
     ]
     middleware = [
         Middleware(MetricsMiddleware),
