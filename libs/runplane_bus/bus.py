@@ -41,7 +41,14 @@ class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
     url: str = "nats://127.0.0.1:4222"
     name: str = "runplane"
     replicas: int = 1
+    # Credentials, at most one kind: a .creds file (JWT + nkey seed), user and password, or a token.
     user_credentials: str | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    # Where replies to this connection's requests arrive; a per-service prefix lets the
+    # server's permissions keep one service from reading another's replies.
+    inbox_prefix: str = "_INBOX"
     request_timeout_s: float = 5.0
 
 
@@ -79,6 +86,12 @@ class Bus:
         )
         if settings.user_credentials:
             options["user_credentials"] = settings.user_credentials
+        if settings.user:
+            options.update(user=settings.user, password=settings.password or "")
+        if settings.token:
+            options["token"] = settings.token
+        if settings.inbox_prefix != "_INBOX":
+            options["inbox_prefix"] = settings.inbox_prefix
         nc = await _connect_with_retry(options)
         js = nc.jetstream(timeout=settings.request_timeout_s)
         bus = cls(nc, js, settings)

@@ -53,9 +53,28 @@ def bus_settings(service: str):
     """The NATS connection settings every service reads the same way."""
     from runplane_bus import BusSettings
 
+    user = env_opt("RP_NATS_USER")
     return BusSettings(
         url=env_str("RP_NATS_URL", "nats://127.0.0.1:4222"),
         name=f"{service}-{os.getpid()}",
         replicas=env_int("RP_NATS_REPLICAS", 1),
         user_credentials=env_opt("RP_NATS_CREDS"),
+        user=user,
+        password=_secret("RP_NATS_PASSWORD"),
+        token=_secret("RP_NATS_TOKEN"),
+        # A user's replies arrive under its own prefix, the only inboxes it may read.
+        inbox_prefix=env_str("RP_NATS_INBOX_PREFIX", f"_INBOX.{user}" if user else "_INBOX"),
     )
+
+
+def _secret(name: str) -> str | None:
+    """`NAME`, else the content of the file named by `NAME_FILE` (a mounted secret)."""
+    value = env_opt(name)
+    path = env_opt(f"{name}_FILE")
+    if value is not None or path is None:
+        return value
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise SettingsError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
