@@ -1,4 +1,7 @@
-"""Structured logs: JSON lines (RP_LOG_FORMAT=json) or console, level from RP_LOG_LEVEL."""
+"""Structured logs: JSON lines, or console lines for a person (RP_LOG_FORMAT=json|console; by
+default console on a terminal, JSON otherwise), level from RP_LOG_LEVEL. Context fields
+(`service`, and `node_id` in a node agent) are bound once; `job_id`, `endpoint_id`,
+`worker_id` are passed where they are known."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import structlog
 def configure(service: str) -> structlog.stdlib.BoundLogger:
     level_name = os.environ.get("RP_LOG_LEVEL", "INFO").upper()
     level = getattr(logging, level_name, logging.INFO)
+    fmt = os.environ.get("RP_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
     renderer = (
         structlog.processors.JSONRenderer()
-        if os.environ.get("RP_LOG_FORMAT", "console") == "json"
+        if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from runplane_bus import Bus, Conflict
 from runplane_service.clock import Clock
 from runplane_service.metrics import metrics as metrics_endpoint
-from runplane_gateway import dashboard
+from runplane_gateway import dashboard, openapi
 from runplane_gateway.auth import AuthMiddleware
 from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.chunks import ChunkReader
@@ -25,6 +25,7 @@ from runplane_gateway.routes_v1 import ManagementApi
 from runplane_gateway.routes_v2 import ClientApi
 from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.webhooks import WebhookSender
+from runplane_gateway.wire import encoder
 
 
 @dataclass
@@ -78,6 +79,12 @@ def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management
         Route("/healthz", healthz, methods=["GET"]),
         *dashboard.routes(),
     ]
+
+    async def openapi_json(_: Request) -> Response:
+        return json_response(spec)
+
+    routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
+    spec = encoder.encode(openapi.document(routes))  # every route, this one included
     middleware = [
         Middleware(MetricsMiddleware),
         Middleware(AuthMiddleware, api_key=settings.api_key),

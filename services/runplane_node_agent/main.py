@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import structlog
 import uvicorn
 from msgspec.structs import replace
+from prometheus_client import REGISTRY
 from runplane_bus import Bus
 from runplane_proto import subjects as s
 from runplane_proto.endpoints import EndpointSpec
@@ -26,6 +27,7 @@ from runplane_node_agent.commands import Commands
 from runplane_node_agent.flash.boot import FlashBoot
 from runplane_node_agent.inventory.host import GpuInventory, HostInventory
 from runplane_node_agent.jobs import Jobs
+from runplane_node_agent.node_metrics import NodeCollector
 from runplane_node_agent.node_status import StatusPublisher
 from runplane_node_agent.settings import ANY_HOST, AgentSettings, from_env
 from runplane_node_agent.supervisor import Supervisor
@@ -98,6 +100,9 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     supervisor.release_jobs = jobs.release_worker
     worker_logs = WorkerLogs(settings.node_id, clock)
     supervisor.worker_output = worker_logs.record
+    collector = NodeCollector(settings.node_id, status, supervisor)
+    REGISTRY.register(collector)
+    stack.callback(REGISTRY.unregister, collector)
 
     app = Starlette(routes=WorkerApi(supervisor, jobs).routes() + list(METRICS_ROUTES))
     http_stop = asyncio.Event()

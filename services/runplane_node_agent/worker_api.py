@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runplane_node_agent import metrics
+from runplane_node_agent.node_metrics import dispatched
 from runplane_node_agent.held import HeldJob, Poll
 from runplane_node_agent.jobs import Jobs
 from runplane_node_agent.supervisor import Supervisor, Worker
@@ -109,6 +110,8 @@ class WorkerApi:
         if gone:  # the worker hung up while its jobs were being claimed
             await self.jobs.give_back(taken)
             return _NO_CONTENT
+        for held in taken:
+            dispatched(held.endpoint_id, held.record.submitted_at_ms, held.record.started_at_ms)
         if as_list:
             body = b"[" + b",".join(h.payload for h in taken) + b"]"
         else:
