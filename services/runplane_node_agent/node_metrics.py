@@ -8,13 +8,15 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Iterator
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from runplane_node_agent.node_status import StatusPublisher
-from runplane_node_agent.supervisor import Supervisor
+if TYPE_CHECKING:
+    from runplane_node_agent.node_status import StatusPublisher
+    from runplane_node_agent.supervisor import Supervisor
 
 MB = 1024 * 1024
 
@@ -24,6 +26,21 @@ DISPATCH_SECONDS = Histogram(
     ["endpoint"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+
+WORKER_START_SECONDS = Histogram(
+    "rp_node_agent_worker_start_seconds",
+    "From starting a worker's process or container to its first take poll (cold start; `snapshot` "
+    "when started from its endpoint's snapshot image; resuming a paused worker is "
+    "rp_node_agent_flash_resume_seconds)",
+    ["kind"],
+    buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300),
+)
+
+
+def worker_ready(startup_ms: int, *, from_snapshot: bool) -> None:
+    kind = "snapshot" if from_snapshot else "cold"
+    WORKER_START_SECONDS.labels(kind=kind).observe(max(0, startup_ms) / 1000)
 
 
 @lru_cache(maxsize=4096)

@@ -21,7 +21,7 @@ from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.nodes import CommandReply, StartWorker, StopWorker, WorkerInfo, WorkerState
 from runplane_service.clock import Clock
 
-from runplane_node_agent import metrics
+from runplane_node_agent import metrics, node_metrics
 from runplane_node_agent.flash.boot import FlashBoot, spec_digest
 from runplane_node_agent.runtimes.base import (
     Adopted,
@@ -239,9 +239,10 @@ class Supervisor:
     def mark_ready(self, worker: Worker) -> None:
         if not worker.ready:
             worker.ready = True
+            startup_ms = self.clock.now_ms() - worker.started_at_ms
             log.info("worker ready", worker_id=worker.worker_id, endpoint_id=worker.endpoint_id,
-                     startup_ms=self.clock.now_ms() - worker.started_at_ms,
-                     from_snapshot=worker.from_snapshot or None)
+                     startup_ms=startup_ms, from_snapshot=worker.from_snapshot or None)
+            node_metrics.worker_ready(startup_ms, from_snapshot=worker.from_snapshot)
             self.on_change()
             self.flash.initialised(worker)
 

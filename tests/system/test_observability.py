@@ -77,6 +77,7 @@ def test_every_service_serves_metrics_and_healthz(cluster, echo):
     assert re.search(rf'rp_node_agent_job_dispatch_seconds_count{{endpoint="{echo}"}} [2-9]', node)
     assert re.search(rf'rp_node_agent_endpoint_workers{{endpoint="{echo}",node="node1",state="idle"}} 1', node)
     assert re.search(rf'rp_node_agent_jobs_finished_total{{endpoint="{echo}",status="COMPLETED"}} 2', node)
+    assert re.search(r'rp_node_agent_worker_start_seconds_count{kind="cold"} [1-9]', node)
     for family in ("rp_node_agent_gpu_utilization_percent", "rp_node_agent_gpu_memory_used_bytes",
                    "rp_node_agent_flash_resume_seconds", "rp_bus_dropped_messages_total"):
         assert f"# TYPE {family.removesuffix('_total')}" in node, family
