@@ -59,7 +59,11 @@ class LeaseKeeper:
         lease = Lease(holder=self.holder, expires_at_ms=now_ms + self.ttl_ms,
                       acquired_at_ms=self._acquired_at_ms)
         if current is None:
-            self._revision = await self.kv.create(self.key, lease)
+            garbage = await self.kv.undecodable_revision(self.key)
+            if garbage is None:
+                self._revision = await self.kv.create(self.key, lease)
+            else:  # an unreadable lease would otherwise keep every holder out for good
+                self._revision = await self.kv.update(self.key, lease, garbage)
         else:
             self._revision = await self.kv.update(self.key, lease, current.revision)
         self._renewed_at_ms = now_ms

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import structlog
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from runplane_bus.records import TypedKV
+from runplane_bus.records import TypedKV, undecodable
 from runplane_proto.codec import DecodeError
 
 T = TypeVar("T")
@@ -103,8 +103,8 @@ class Mirror(Generic[T]):
         else:
             try:
                 new = self._values[key] = self.store.codec.decode(data)
-            except DecodeError:
-                log.warning("undecodable value skipped", bucket=self.store.kv._name, key=key)
+            except DecodeError as exc:  # garbage: keep the last good value, if any
+                undecodable(self.store.kv._name, key, exc)
                 return
         self.applied += 1
         if self.on_change is not None:

@@ -6,13 +6,25 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import structlog
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from prometheus_client import Counter
 
 from runplane_proto.codec import Codec, DecodeError, encode
 
 T = TypeVar("T")
+log = structlog.get_logger("runplane.bus.kv")
+
+UNDECODABLE = Counter("rp_bus_undecodable_values_total",
+                      "KV values that failed to decode and were treated as absent", ["bucket"])
+
+
+def undecodable(bucket: str, key: str, error: Exception) -> None:
+    """Log and count a KV value that does not decode (garbage put by something else)."""
+    UNDECODABLE.labels(bucket=bucket).inc()
+    log.warning("undecodable KV value ignored", bucket=bucket, key=key, error=str(error)[:200])
 
 
 class Conflict(Exception):
@@ -31,13 +43,34 @@ class TypedKV(Generic[T]):
         self.codec: Codec[T] = Codec(type_)
 
     async def get(self, key: str) -> Versioned[T] | None:
+        """The value and its revision; None when absent or when the value does not decode
+        (logged and counted: garbage is dropped at the edge, never raised deep in a service)."""
         try:
             entry = await self.kv.get(key)
         except (KeyNotFoundError, KeyDeletedError):
             return None
         if entry.value is None or entry.operation in ("DEL", "PURGE"):
             return None
-        return Versioned(self.codec.decode(entry.value), entry.revision)
+        try:
+            return Versioned(self.codec.decode(entry.value), entry.revision)
+        except DecodeError as exc:
+            undecodable(self.kv._name, key, exc)
+            return None
+
+    async def undecodable_revision(self, key: str) -> int | None:
+        """The revision of `key` if its value is garbage (so a writer can replace it by
+        compare-and-set), else None."""
+        try:
+            entry = await self.kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        if entry.value is None or entry.operation in ("DEL", "PURGE"):
+            return None
+        try:
+            self.codec.decode(entry.value)
+        except DecodeError:
+            return entry.revision
+        return None
 
     async def put(self, key: str, value: T) -> int:
         return await self.kv.put(key, encode(value))
@@ -92,7 +125,8 @@ class TypedKV(Generic[T]):
         for entry in await self._scan(pattern, meta_only=False):
             try:
                 value = self.codec.decode(entry.value)
-            except DecodeError:
+            except DecodeError as exc:
+                undecodable(self.kv._name, entry.key, exc)
                 continue
             yield entry.key, value
 

@@ -131,7 +131,8 @@ class Autoscaler:
 
     async def _read_endpoints(self) -> dict[str, EndpointSpec]:
         if self._mirrors:
-            return {spec.id: spec for spec in self._mirrors[1].values()}
+            # An entry under another endpoint's key (garbled or forged) must not stand for that one.
+            return {key: spec for key, spec in self._mirrors[1].items() if spec.id == key}
         return {spec.id: spec async for _, spec in self.bus.endpoints.items()}
 
     async def _restore(self) -> None:

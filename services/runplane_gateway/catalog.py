@@ -9,6 +9,7 @@ import asyncio
 import structlog
 
 from runplane_bus import Bus
+from runplane_bus.records import undecodable
 from runplane_proto import subjects
 from runplane_proto.codec import DecodeError
 from runplane_proto.endpoints import EndpointSpec
@@ -78,8 +79,8 @@ class EndpointCatalog:
                     else:
                         try:
                             target[entry.key] = self.bus.endpoints.codec.decode(entry.value)
-                        except DecodeError as exc:
-                            log.warning("undecodable endpoint spec", endpoint_id=entry.key, error=str(exc))
+                        except DecodeError as exc:  # garbage: keep the last good spec, if any
+                            undecodable(subjects.KV_ENDPOINTS, entry.key, exc)
                 if initial and (entry is None or entry.delta == 0):
                     # The initial values are in: swap them in at once.
                     initial = False

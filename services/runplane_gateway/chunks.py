@@ -8,6 +8,7 @@ replica) never return the same chunk twice.
 
 from __future__ import annotations
 
+import msgspec
 import structlog
 from msgspec import Raw
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -22,6 +23,7 @@ from runplane_gateway import metrics
 log = structlog.get_logger("runplane.gateway.chunks")
 
 _chunk_codec: Codec[StreamChunk] = Codec(StreamChunk)
+_json_codec = msgspec.json.Decoder(Raw)
 # Bound on one read; a bigger backlog is returned by the next read.
 MAX_CHUNKS_PER_READ = 1000
 CAS_ATTEMPTS = 20
@@ -41,7 +43,7 @@ class ChunkReader:
         subject = subjects.job_chunks(job_id)
         for _ in range(CAS_ATTEMPTS):
             cursor, revision = await self._cursor(job_id)
-            chunks, last_seq = await self._after(subject, cursor)
+            chunks, last_seq = await self._after(job_id, subject, cursor)
             if last_seq == cursor:
                 return []
             if await self._move(job_id, last_seq, revision):
@@ -63,7 +65,7 @@ class ChunkReader:
             log.warning("bad stream cursor; starting over", job_id=job_id)
             return 0, entry.revision
 
-    async def _after(self, subject: str, cursor: int) -> tuple[list[Raw], int]:
+    async def _after(self, job_id: str, subject: str, cursor: int) -> tuple[list[Raw], int]:
         chunks: list[Raw] = []
         seq = cursor
         while len(chunks) < MAX_CHUNKS_PER_READ:
@@ -77,9 +79,13 @@ class ChunkReader:
             seq = msg.seq
             try:
                 chunk = _chunk_codec.decode(msg.data or b"")
-            except DecodeError as exc:
+                # Spliced into the answer as is: it must be JSON, and this job's.
+                _json_codec.decode(chunk.chunk_json)
+                if chunk.job_id != job_id:
+                    raise ValueError(f"a chunk of job {chunk.job_id}")
+            except (*DecodeError, ValueError) as exc:
                 metrics.DROPPED.labels(subjects.ALL_JOB_CHUNKS).inc()
-                log.warning("dropped undecodable chunk", subject=subject, seq=seq, error=str(exc))
+                log.warning("dropped undecodable chunk", subject=subject, seq=seq, error=str(exc)[:200])
                 continue
             chunks.append(Raw(chunk.chunk_json))
         return chunks, seq

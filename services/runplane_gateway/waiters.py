@@ -28,6 +28,7 @@ class JobWaiter:
 
     def __init__(self, nc: Client, job_id: str) -> None:
         self.nc = nc
+        self.job_id = job_id
         self.subject = subjects.job_events(job_id)
         self.latest: JobRecord | None = None
         self._done: asyncio.Future[JobRecord] = asyncio.get_running_loop().create_future()
@@ -59,6 +60,10 @@ class JobWaiter:
             return
         if isinstance(event, JobChanged):
             record = event.record
+            if record.id != self.job_id:  # never answer with another job's record
+                metrics.DROPPED.labels("job events").inc()
+                log.warning("dropped event of another job", subject=msg.subject, job_id=record.id)
+                return
             # A late or duplicate event must not move the view backwards.
             if self.latest is None or not is_terminal(self.latest.status):
                 self.latest = record

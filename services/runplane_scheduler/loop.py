@@ -138,8 +138,10 @@ class Scheduler:
     async def _read(self) -> tuple[list[NodeStatus], dict[str, EndpointSpec], dict[str, ScaleTarget]]:
         if self._mirrors is not None:
             nodes, endpoints, targets = self._mirrors
-            return (nodes.values(), {spec.id: spec for spec in endpoints.values()},
-                    {t.endpoint_id: t for t in targets.values()})
+            # An entry under another endpoint's key (garbled or forged) must not stand for that one.
+            return ([n for key, n in nodes.items() if n.node_id == key],
+                    {key: spec for key, spec in endpoints.items() if spec.id == key},
+                    {key: t for key, t in targets.items() if t.endpoint_id == key})
         async def nodes() -> list[NodeStatus]:
             return [status async for _, status in self.bus.nodes.items()]
 
