@@ -171,7 +171,7 @@ class Jobs:
             if current is None:
                 current = await self._await_record(key, queued)
                 if current is None:
-                    if self.clock.now_ms() - queued.submitted_at_ms < _MISSING_RECORD_GRACE_MS:
+                    if self._recent(queued):
                         await settle(msg, "nak", delay_s=_MISSING_RECORD_RETRY_S)
                     else:  # purged (or a submit that failed half-way): drop the message
                         metrics.JOBS_SKIPPED.labels(endpoint=ep, reason="missing").inc()
@@ -212,10 +212,15 @@ class Jobs:
         metrics.taken(ep).inc()
         return held
 
+    def _recent(self, queued: JobQueued) -> bool:
+        """Submitted within the grace period. A time far in the future (a forged or garbled
+        message) is not recent, or its message would be retried for good."""
+        return abs(self.clock.now_ms() - queued.submitted_at_ms) < _MISSING_RECORD_GRACE_MS
+
     async def _await_record(self, key: str, queued: JobQueued) -> Versioned[JobRecord] | None:
         """The gateway writes the record and queues the job at the same time, so a fresh
         message may arrive first: look again a few times, briefly."""
-        if self.clock.now_ms() - queued.submitted_at_ms > _MISSING_RECORD_GRACE_MS:
+        if not self._recent(queued):
             return None
         for pause_s in (0.001, 0.003, 0.01, 0.03):
             await asyncio.sleep(pause_s)
@@ -274,6 +279,13 @@ class Jobs:
         if parsed.stopPod:
             self.supervisor.recycle(worker.worker_id, "stopPod after job")
         return 200
+
+    async def result_too_large(self, worker: Worker, job_id: str, limit: str) -> None:
+        """job-done with a body over the limit: the job it holds fails saying so, rather than
+        staying IN_PROGRESS until the worker lets go and then running again."""
+        held = self.held.get(job_id)
+        if held is not None and held.worker is worker:
+            await self._finish(held, f"the worker's result was over the {limit} limit of job-done", b"")
 
     async def _progress(self, held: HeldJob, output: bytes) -> None:
         if not await held.claim:

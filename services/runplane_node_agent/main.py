@@ -22,7 +22,7 @@ from runplane_service.lifecycle import bound_port, run_service, serve_http
 from runplane_service.metrics import METRICS_ROUTES
 from starlette.applications import Starlette
 
-from runplane_node_agent import metrics, runtimes
+from runplane_node_agent import metrics, runtimes, worker_api
 from runplane_node_agent.commands import Commands
 from runplane_node_agent.flash.boot import FlashBoot
 from runplane_node_agent.inventory.host import GpuInventory, HostInventory
@@ -104,7 +104,9 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     REGISTRY.register(collector)
     stack.callback(REGISTRY.unregister, collector)
 
-    app = Starlette(routes=WorkerApi(supervisor, jobs).routes() + list(METRICS_ROUTES))
+    app = Starlette(routes=WorkerApi(supervisor, jobs).routes() + list(METRICS_ROUTES),
+                    exception_handlers=worker_api.EXCEPTION_HANDLERS)
+    app.router.redirect_slashes = False  # worker URLs never end in "/": a 404, not a redirect
     http_stop = asyncio.Event()
     server = await serve_http(app, settings.host, settings.port, http_stop)
     port = bound_port(server)

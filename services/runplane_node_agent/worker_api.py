@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 
+import msgspec
 import structlog
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from runplane_node_agent import metrics
 from runplane_node_agent.node_metrics import dispatched
-from runplane_node_agent.held import HeldJob, Poll
+from runplane_node_agent.held import RESULT_DECODER, HeldJob, Poll
 from runplane_node_agent.jobs import Jobs
 from runplane_node_agent.supervisor import Supervisor, Worker
 
@@ -27,18 +30,23 @@ log = structlog.get_logger("runplane.node_agent.worker_api")
 # More concurrent takes than this from one worker is a misbehaving client: 429 (back off 5 s).
 _MAX_POLLS_PER_WORKER = 8
 _MAX_BATCH = 256
+# Body limits: a result as large as the biggest /runsync input (RunPod's 20 MB), one stream
+# chunk as large as one NATS message (RunPod's 1 MB).
+MAX_RESULT_BYTES = 20 * 1024 * 1024
+MAX_CHUNK_BYTES = 1024 * 1024
 _JSON = "application/json"
 _NO_CONTENT = Response(status_code=204)
+_encoder = msgspec.json.Encoder()
 
 
 def _error(status: int, message: str) -> Response:
     metrics.WORKER_REQUESTS_REJECTED.labels(code=str(status)).inc()
-    return Response(b'{"error":"' + message.encode() + b'"}', status_code=status, media_type=_JSON)
+    return Response(_encoder.encode({"error": message}), status_code=status, media_type=_JSON)
 
 
 _OK = b"{}"
-_ERRORS = {400: "body must be a JSON object", 404: "job is not held by this worker",
-           413: "stream chunk too large"}
+_ERRORS = {400: "body must be a JSON object", 404: "job is not held by this worker (unknown, finished, "
+           "or another worker's)", 413: "stream chunk over the 1 MB limit"}
 
 
 class WorkerApi:
@@ -62,7 +70,9 @@ class WorkerApi:
         worker = self.supervisor.workers.get(params["worker_id"])
         key = request.headers.get("authorization", "")
         key = key.removeprefix("Bearer ")
-        if worker is None or not key or not hmac.compare_digest(key.encode(), worker.token.encode()):
+        if not key:
+            return _error(401, "missing Authorization header (the worker's RUNPOD_AI_API_KEY)")
+        if worker is None or not hmac.compare_digest(key.encode(), worker.token.encode()):
             return _error(401, "unknown worker or bad key")
         if worker.endpoint_id != params["endpoint_id"]:
             return _error(403, "worker does not belong to this endpoint")
@@ -105,18 +115,23 @@ class WorkerApi:
             worker.polls.discard(poll)
             gone = watcher.done() and not watcher.cancelled()
             watcher.cancel()
-        if not taken:
-            return _NO_CONTENT
-        if gone:  # the worker hung up while its jobs were being claimed
+        # Flash boot: a paused worker is resumed right after its answer is sent, so that it
+        # finds the answer waiting when it thaws (its own take timeout is far off: a poll
+        # lasts RP_TAKE_POLL_S at most).
+        flash = self.supervisor.flash
+        wake = BackgroundTask(flash.wake, worker) if flash.needs_wake(worker) else None
+        if gone and taken:  # the worker hung up while its jobs were being claimed
             await self.jobs.give_back(taken)
-            return _NO_CONTENT
+            taken = []
+        if not taken:
+            return _NO_CONTENT if wake is None else Response(status_code=204, background=wake)
         for held in taken:
             dispatched(held.endpoint_id, held.record.submitted_at_ms, held.record.started_at_ms)
         if as_list:
             body = b"[" + b",".join(h.payload for h in taken) + b"]"
         else:
             body = taken[0].payload
-        return Response(body, media_type=_JSON)
+        return Response(body, media_type=_JSON, background=wake)
 
     async def stop(self, request: Request) -> Response:
         worker = self._worker(request)
@@ -131,15 +146,27 @@ class WorkerApi:
         worker = self._worker(request)
         if isinstance(worker, Response):
             return worker
-        body = await request.body()
-        return _reply(await self.jobs.result(worker, request.path_params["job_id"], body))
+        job_id = request.path_params["job_id"]
+        body = await _read(request, MAX_RESULT_BYTES)
+        if body is None:  # refused, and said so in the job: a lost result must not look like success
+            await self.jobs.result_too_large(worker, job_id, "20 MB")
+            return _error(413, "result over the 20 MB limit of job-done; the job is FAILED")
+        status = await self.jobs.result(worker, job_id, body) if _utf8(body) else 400
+        if status == 400:
+            return _error(400, f"job-done {_json_problem(body)}")
+        return _reply(status)
 
     async def stream(self, request: Request) -> Response:
         worker = self._worker(request)
         if isinstance(worker, Response):
             return worker
-        body = await request.body()
-        return _reply(await self.jobs.chunk(worker, request.path_params["job_id"], body))
+        body = await _read(request, MAX_CHUNK_BYTES)
+        if body is None:
+            return _reply(413)
+        status = await self.jobs.chunk(worker, request.path_params["job_id"], body) if _utf8(body) else 400
+        if status == 400:
+            return _error(400, f"job-stream {_json_problem(body)}")
+        return _reply(status)
 
     async def ping(self, request: Request) -> Response:
         worker = self._worker(request)
@@ -157,6 +184,56 @@ def _reply(status: int) -> Response:
     if status == 200:
         return Response(_OK, media_type=_JSON)
     return _error(status, _ERRORS.get(status, "rejected"))
+
+
+async def _read(request: Request, cap_bytes: int) -> bytes | None:
+    """The body, or None once it is over `cap_bytes` (by its Content-Length or its real size)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap_bytes:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap_bytes:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _utf8(body: bytes) -> bool:
+    """JSON is UTF-8; a result or chunk that is not would make the job's /status unreadable
+    (inputs and outputs are spliced into answers as they are)."""
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _json_problem(body: bytes) -> str:
+    """Why a body was refused: the JSON text the SDK sends whatever its content type says."""
+    if not _utf8(body):
+        return "body must be a JSON object in UTF-8"
+    try:
+        RESULT_DECODER.decode(body)
+    except msgspec.DecodeError as exc:
+        return f"body must be a JSON object ({str(exc)[:200]})"
+    return "body must be a JSON object"
+
+
+async def on_http_error(_: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer JSON too (a worker logs the body)."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error(404, "no such worker API path: /v2/{endpoint}/job-take|job-take-batch|job-stop/"
+                           "{worker}, job-done|job-stream/{worker}/{job}, ping/{worker}")
+    if exc.status_code == 405:
+        return _error(405, "method not allowed")
+    return _error(exc.status_code, str(exc.detail))
+
+
+EXCEPTION_HANDLERS = {HTTPException: on_http_error}
 
 
 async def _disconnected(request: Request) -> None:
