@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = {"dispatch": "bench.dispatch", "scale": "bench.scale"}
+BENCHES = {"dispatch": "bench.dispatch", "scale": "bench.scale", "coldstart": "bench.coldstart"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -108,7 +108,8 @@ async def test_a_parked_worker_keeps_its_id_wakes_for_a_job_and_resumes_on_start
 
         assert (await stop_worker(bus, node, worker_id, park=True)).ok
         info = await wait_worker_state(bus, node, worker_id, "parked")
-        assert worker.paused and info.worker_id == worker_id
+        assert info.worker_id == worker_id
+        await async_wait_until(lambda: _value(worker.paused), what="paused (at once, or at its next poll)")
         await async_wait_until(lambda: _value(set(states(pid)) == {"T"}), what="the parked worker stopped")
         assert (await stop_worker(bus, node, worker_id, park=True)).ok  # already parked: nothing to do
 

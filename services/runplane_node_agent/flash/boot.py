@@ -2,18 +2,19 @@
 
 * **Pause while idle**: a worker whose take poll has waited RP_FLASH_PAUSE_S without a job
   is paused (docker pause; SIGSTOP of its whole process group) with that poll still open
-  and still pulling. A job for it = resume + the answer to the poll (the resume overlaps the
-  claim). A poll is never answered while its worker is paused: when it ends empty
-  (RP_TAKE_POLL_S) the worker is resumed, gets its 204 and polls again, and is paused again;
-  so every answer reaches a worker whose own take timeout (90 s in the RunPod SDK) is far
-  off. A paused worker cannot ping: it is never reaped as silent, and a resume restarts its
-  ping clock. Stopping a paused worker resumes it first.
+  and still pulling. A job for it = the answer to the poll, then a resume: the worker thaws
+  with its job already waiting. A paused worker is resumed as soon as any of its polls is
+  answered (worker_api.py): when it ends
+  empty (RP_TAKE_POLL_S) it gets its 204, polls again, and is paused again; so every answer
+  reaches a worker whose own take timeout (90 s in the RunPod SDK) is far off. A paused
+  worker cannot ping: it is never reaped as silent, and a resume restarts its ping clock.
+  Stopping a paused worker resumes it first.
 * **Parking**: a StopWorker with `park` for an idle worker pauses it into the node's pool
-  instead of stopping it, within RP_PARK_MEMORY_MB, evicting the least recently used parked
-  workers to make room (pool.py). A parked worker keeps its id and GPUs and is reported
-  "parked": not one of its endpoint's workers. Its poll still pulls, so a job for its
-  endpoint wakes it at once (it is one of the endpoint's workers again), as does a
-  StartWorker naming it. A StartWorker needing its GPUs evicts it.
+  instead of stopping it (at once, or at its next poll), within RP_PARK_MEMORY_MB, evicting
+  the least recently used parked workers to make room (pool.py). A parked worker keeps its
+  id and GPUs and is reported "parked": not one of its endpoint's workers. Its poll still
+  pulls, so a job for its endpoint wakes it at once (it is one of the endpoint's workers
+  again), as does a StartWorker naming it. A StartWorker needing its GPUs evicts it.
 * **Snapshots**: the first initialised worker of an endpoint (per launch spec) on this node
   is committed to a snapshot image that later cold starts of the endpoint here start from,
   skipping what initialisation wrote to disk (runtimes with the snapshot capability).
@@ -143,16 +144,10 @@ class FlashBoot:
             if not worker.ready or worker.stopping or worker.jobs or worker.handle is None \
                     or any(p.claiming for p in worker.polls):
                 return "not idle"
-            worker.parked = True  # from now on its polls pause it at once
-            async with worker.freeze_lock:
-                if not worker.paused:
-                    try:
-                        await self.runtime.pause(worker.handle)
-                    except RuntimeFailure as exc:
-                        worker.parked = False
-                        return str(exc)
-                    worker.paused = True
-                    metrics.FLASH_PAUSES.inc()
+            # From now on its polls pause it at once. Paused only with a poll open, so that a
+            # job can always wake it: one between polls runs on to its next one.
+            worker.parked = True
+            await self.pause_if_idle(worker)
             if not worker.parked:  # woke for a job meanwhile: it stays the endpoint's
                 return None
             memory_mb = await self.runtime.memory_mb(worker.handle) or 0
