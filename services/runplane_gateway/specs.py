@@ -67,6 +67,14 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder) -> object:
         raise ApiError(400, validation_message(exc)) from None
 
 
+# What a worker's environment and argv may hold in all: far below what a process may be
+# started with (execve: 128 KiB per string, ~2 MiB in all) and what one NATS message carries.
+ENV_MAX_BYTES = 64 * 1024
+COMMAND_MAX_BYTES = 64 * 1024
+MAX_GPU_TYPES = 16
+IMAGE_NAME_MAX = 512
+
+
 def _checked(spec: EndpointSpec) -> EndpointSpec:
     if spec.workers_min > spec.workers_max:
         raise ApiError(400, f"workersMin must be <= workersMax (got {spec.workers_min} > {spec.workers_max})")
@@ -76,4 +84,36 @@ def _checked(spec: EndpointSpec) -> EndpointSpec:
         raise ApiError(400, "imageName must not be empty")
     if any(not part for part in spec.command[:1]):
         raise ApiError(400, "command must not start with an empty string")
+    _check_strings(spec)
     return spec
+
+
+def _check_strings(spec: EndpointSpec) -> None:
+    """What a node could not start a worker with, refused here with the field named, rather
+    than accepted and failing on every node later."""
+    if _control(spec.name):
+        raise ApiError(400, "name: must not contain control characters")
+    image = spec.image_name
+    if image is not None and (len(image) > IMAGE_NAME_MAX or _control(image)
+                              or any(c.isspace() for c in image)):
+        raise ApiError(400, f"imageName: an image reference of at most {IMAGE_NAME_MAX} characters, "
+                            "without spaces or control characters")
+    if any("\x00" in part for part in spec.command):
+        raise ApiError(400, "command: arguments must not contain NUL characters")
+    if (size := sum(len(part.encode()) + 1 for part in spec.command)) > COMMAND_MAX_BYTES:
+        raise ApiError(400, f"command: {size} bytes in all, over the {COMMAND_MAX_BYTES // 1024} KiB limit")
+    for name, value in spec.env.items():
+        if not name or "=" in name or "\x00" in name:
+            raise ApiError(400, f"env: invalid variable name {name[:64]!r} (non-empty, no '=' or NUL)")
+        if "\x00" in value:
+            raise ApiError(400, f"env: the value of {name[:64]} contains a NUL character")
+    if (size := sum(len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items())) > ENV_MAX_BYTES:
+        raise ApiError(400, f"env: {size} bytes in all, over the {ENV_MAX_BYTES // 1024} KiB limit")
+    if len(spec.gpu_type_ids) > MAX_GPU_TYPES:
+        raise ApiError(400, f"gpuTypeIds: at most {MAX_GPU_TYPES} GPU types (got {len(spec.gpu_type_ids)})")
+    if any(not t.strip() or len(t) > 128 or _control(t) for t in spec.gpu_type_ids):
+        raise ApiError(400, "gpuTypeIds: each a GPU name of 1-128 characters, e.g. \"H100\" or \"A100\"")
+
+
+def _control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
