@@ -81,7 +81,8 @@ def test_compose_up_runs_a_job_in_a_worker_container(service_images):
     node_id = f"cmp-{secrets.token_hex(3)}"
     http_port = free_port()
     env = compose_env(**IMAGES, RP_HTTP_PORT=str(http_port), RP_NATS_PORT=str(free_port()),
-                      RP_AGENT_PORT=str(free_port()), RP_NODE_ID=node_id)
+                      RP_AGENT_PORT=str(free_port()), RP_SCHEDULER_METRICS_PORT=str(free_port()),
+                      RP_AUTOSCALER_METRICS_PORT=str(free_port()), RP_NODE_ID=node_id)
     cli = [*compose_cli(), "-p", project, "-f", "deploy/compose.yaml"]
 
     def compose(*args: str, timeout: float = 180) -> str:
