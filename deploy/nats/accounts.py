@@ -2,7 +2,7 @@
 
     .venv/bin/python deploy/nats/accounts.py            print the accounts config
     .venv/bin/python deploy/nats/accounts.py --write    rewrite deploy/nats/accounts.conf and the
-                                                        copy in deploy/k8s/nats.yaml
+                                                        copies in deploy/k8s/nats.yaml
 
 Message subjects come from the bus contract (`runplane_proto.subjects.REGISTRY`: who
 publishes and who subscribes each channel); the JetStream API subjects come from what each
@@ -213,26 +213,34 @@ def render() -> str:
 
 ACCOUNTS_CONF = ROOT / "deploy" / "nats" / "accounts.conf"
 K8S_NATS = ROOT / "deploy" / "k8s" / "nats.yaml"
-K8S_BEGIN = "    # --- accounts.conf (generated) ---\n"
-K8S_END = "    # --- end of accounts.conf ---\n"
+# deploy/nats files copied into the ConfigMap of K8S_NATS, each between two marker lines.
+K8S_COPIES = ("cluster.conf", "accounts.conf")
 
 
-def k8s_manifest(current: str, accounts: str) -> str:
-    """deploy/k8s/nats.yaml with its ConfigMap's copy of accounts.conf replaced."""
-    head, sep, rest = current.partition(K8S_BEGIN)
-    _, sep2, tail = rest.partition(K8S_END)
-    if not sep or not sep2:
-        raise ValueError(f"{K8S_NATS} lacks the accounts.conf markers")
-    block = "".join(f"    {line}\n" if line else "\n" for line in accounts.splitlines())
-    return head + K8S_BEGIN + block + K8S_END + tail
+def k8s_manifest(current: str, files: dict[str, str]) -> str:
+    """The k8s NATS manifest with its ConfigMap's copies of `files` (name → text) replaced."""
+    for name, text in files.items():
+        begin, end = f"    # --- {name} (generated) ---\n", f"    # --- end of {name} ---\n"
+        head, sep, rest = current.partition(begin)
+        _, sep2, tail = rest.partition(end)
+        if not sep or not sep2:
+            raise ValueError(f"{K8S_NATS} lacks the markers of {name}")
+        block = "".join(f"    {line}\n" if line else "\n" for line in text.splitlines())
+        current = head + begin + block + end + tail
+    return current
+
+
+def k8s_files(accounts: str) -> dict[str, str]:
+    files = {name: (ROOT / "deploy" / "nats" / name).read_text() for name in K8S_COPIES}
+    files["accounts.conf"] = accounts
+    return files
 
 
 def main(argv: list[str]) -> None:
     text = render()
     if argv[1:] == ["--write"]:
         ACCOUNTS_CONF.write_text(text)
-        if K8S_NATS.exists():
-            K8S_NATS.write_text(k8s_manifest(K8S_NATS.read_text(), text))
+        K8S_NATS.write_text(k8s_manifest(K8S_NATS.read_text(), k8s_files(text)))
         print(f"wrote {ACCOUNTS_CONF.relative_to(ROOT)} and {K8S_NATS.relative_to(ROOT)}")
     else:
         sys.stdout.write(text)
