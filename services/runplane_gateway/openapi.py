@@ -5,7 +5,7 @@ here fails the build, so the document cannot silently fall behind the routes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from starlette.routing import Route
@@ -13,11 +13,15 @@ from starlette.routing import Route
 from runplane_gateway import wire
 
 
+# An http(s) URL with a host, or "" for none (what /run checks).
+_WEBHOOK = r"^(https?://[A-Za-z0-9._~-]+([:/?#].*)?)?$"
+
+
 class SubmitBody(msgspec.Struct, frozen=True):
     """A /run or /runsync body. Other top-level keys (e.g. `s3Config`) reach the worker as they are."""
 
-    input: Any
-    webhook: str | None = None
+    input: dict[str, Any] | list[Any] | str | int | float | bool  # anything but null
+    webhook: Annotated[str, msgspec.Meta(pattern=_WEBHOOK)] | None = None
     policy: wire.SubmitPolicy | None = None
 
 
@@ -28,26 +32,27 @@ class Op:
     response: Any = None  # a Struct or list[Struct]; None: no JSON body documented
     body: Any = None
     status: int = 200
-    query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
+    query: tuple[tuple[str, str | dict[str, Any], str], ...] = ()  # (name, JSON type or schema, description)
     auth: bool = True
     media_type: str = "application/json"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 _JOB = ("job_id",)
+_WAIT = {"type": "integer", "minimum": 1000, "maximum": 300000}
 OPS: dict[tuple[str, str], Op] = {
     ("/v2/{endpoint_id}/run", "post"): Op("Queue a job", "jobs", wire.JobRef, SubmitBody),
     ("/v2/{endpoint_id}/runsync", "post"): Op(
         "Run a job and wait for its result (or its id when `wait` runs out)", "jobs", wire.JobView,
-        SubmitBody, query=(("wait", "integer", "milliseconds to wait, 1000-300000"),)),
+        SubmitBody, query=(("wait", _WAIT, "milliseconds to wait, 1000-300000"),)),
     ("/v2/{endpoint_id}/status/{job_id}", "get"): Op("A job's status and output", "jobs", wire.JobView),
     ("/v2/{endpoint_id}/status/{job_id}", "post"): Op("A job's status and output", "jobs", wire.JobView),
     ("/v2/{endpoint_id}/status-sync/{job_id}", "get"): Op(
         "A job's status, held until it ends or `wait` runs out", "jobs", wire.JobView,
-        query=(("wait", "integer", "milliseconds to wait, 1000-300000"),)),
+        query=(("wait", _WAIT, "milliseconds to wait, 1000-300000"),)),
     ("/v2/{endpoint_id}/status-sync/{job_id}", "post"): Op(
         "A job's status, held until it ends or `wait` runs out", "jobs", wire.JobView,
-        query=(("wait", "integer", "milliseconds to wait, 1000-300000"),)),
+        query=(("wait", _WAIT, "milliseconds to wait, 1000-300000"),)),
     ("/v2/{endpoint_id}/stream/{job_id}", "get"): Op("Stream chunks not returned before", "jobs",
                                                      wire.StreamView),
     ("/v2/{endpoint_id}/stream/{job_id}", "post"): Op("Stream chunks not returned before", "jobs",
@@ -70,14 +75,16 @@ OPS: dict[tuple[str, str], Op] = {
         "fleet", list[wire.WorkerView]),
     ("/v1/endpoints/{endpoint_id}/jobs", "get"): Op(
         "Recent jobs, newest first, with status and timings", "fleet", list[wire.JobSummary],
-        query=(("limit", "integer", "at most this many (default 50, at most 1000)"),
+        query=(("limit", {"type": "integer", "minimum": 0, "maximum": 1000},
+                "at most this many (default 50, at most 1000)"),
                ("status", "string", "only jobs in this status"))),
     ("/v1/endpoints/{endpoint_id}/logs", "get"): Op(
         "The last lines the endpoint's workers printed (each node agent keeps a few hundred per worker)",
         "fleet", wire.LogsView,
         query=(("after", "string", "the `cursor` of an earlier answer: only newer lines"),
                ("worker", "string", "only this worker's lines"),
-               ("limit", "integer", "at most this many lines (default 200, at most 1000)"))),
+               ("limit", {"type": "integer", "minimum": 0, "maximum": 1000},
+                "at most this many lines (default 200, at most 1000)"))),
     ("/v1/nodes", "get"): Op("Nodes: inventory, GPUs free or held and by whom, workers", "fleet",
                              list[wire.NodeView]),
     ("/healthz", "get"): Op("Liveness (connected to NATS)", "service", auth=False),
@@ -116,7 +123,8 @@ def document(routes: list[Route]) -> dict[str, Any]:
         op = OPS[(path, method)]
         params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in _path_params(path)]
-        params += [{"name": name, "in": "query", "required": False, "schema": {"type": kind},
+        params += [{"name": name, "in": "query", "required": False,
+                    "schema": kind if isinstance(kind, dict) else {"type": kind},
                     "description": text} for name, kind, text in op.query]
         content = ({op.media_type: {"schema": schema_of[_type_key(op.response)]}} if op.response is not None
                    else {op.media_type: {}} if op.media_type else None)

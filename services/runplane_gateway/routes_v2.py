@@ -86,12 +86,31 @@ def _policy(raw: msgspec.Raw | None, spec: EndpointSpec) -> JobPolicy:
         try:
             given = _policy_decoder.decode(raw)
         except msgspec.ValidationError as exc:
-            raise ApiError(400, validation_message(exc, "policy")) from None
+            whole = _whole_numbers(bytes(raw))
+            try:
+                if whole is None:
+                    raise exc
+                given = _policy_decoder.decode(whole)
+            except msgspec.ValidationError as final:
+                raise ApiError(400, validation_message(final, "policy")) from None
     return JobPolicy(
         execution_timeout_ms=given.executionTimeout or spec.execution_timeout_ms,
         ttl_ms=given.ttl or DEFAULT_TTL_MS,
         low_priority=given.lowPriority,
     )
+
+
+def _whole_numbers(raw: bytes) -> bytes | None:
+    """The object with whole numbers written as floats (`60000.0`, an integer to JSON and to
+    JSON Schema) made integers; None when there are none."""
+    try:
+        fields = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    floats = {k: int(v) for k, v in fields.items() if isinstance(v, float) and v.is_integer()}
+    return msgspec.json.encode({**fields, **floats}) if floats else None
 
 
 def _wait_ms(request: Request, default_ms: int) -> int:
