@@ -54,13 +54,14 @@ class ConfiguredNats:
     name: str = "runplane-1"
     cluster_port: int = 0
     routes: tuple[str, ...] = ()
+    host: str = "127.0.0.1"  # where clients connect (containers: the Docker bridge's address)
     port: int = field(default_factory=free_port)
     monitor_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -71,14 +72,14 @@ class ConfiguredNats:
         store.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, RP_NATS_STORE_DIR=str(store), RP_NATS_SERVER_NAME=self.name)
         env.update({password_variable(user): pw for user, pw in self.passwords.items()})
-        argv = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1", "-p", str(self.port),
+        argv = [nats_server_binary(), "-c", str(self.config), "-a", self.host, "-p", str(self.port),
                 "-m", str(self.monitor_port)]
         if self.cluster_port:
             argv += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", ",".join(self.routes)]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_port("127.0.0.1", self.port, timeout_s=15)
+            wait_port(self.host, self.port, timeout_s=15)
         except TimeoutError:
             raise AssertionError(f"nats-server did not start:\n{self.log_text()}") from None
         return self
