@@ -75,6 +75,8 @@ class Cluster:
     def base_env(self) -> dict[str, str]:
         assert self.nats is not None
         env = dict(os.environ)
+        # Console lines (what tests search with regexes) unless a test asks for JSON in `env`.
+        env.setdefault("RP_LOG_FORMAT", "console")
         env.update(RP_NATS_URL=self.nats.url, RP_API_KEY=self.api_key, RP_LOG_LEVEL="INFO",
                    RP_HTTP_PORT=str(self.http_port))
         env.update(self.env)

@@ -12,8 +12,10 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from runplane_testing.cluster import ROOT, python_command
+from runplane_testing.cluster import ROOT, Cluster, python_command
 from runplane_testing.waiting import wait_until
+
+from .conftest import FAST_ENV
 
 pytestmark = pytest.mark.system
 
@@ -52,6 +54,13 @@ def dashboard_metric_names() -> set[str]:
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     assert len(exprs) > 20
     return {name for expr in exprs for name in re.findall(r"\brp_[a-z0-9_]+", expr)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Logs as a deployment writes them when not on a terminal: JSON lines.
+    with Cluster(nodes=1, env=dict(FAST_ENV, RP_LOG_FORMAT="json")) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
