@@ -145,14 +145,15 @@ def test_stream_prints_chunks_as_they_come(cluster, tmp_path):
                                 "env": {"ECHO_MODE": "stream"}, "workersMin": 1}))
     ep = as_json(cluster, "endpoint", "create", "-f", str(spec))["id"]
     cluster.wait_workers(ep, 1)
-    proc = subprocess.Popen([RUNPLANE, "--json", "job", "run", ep, '{"stream": 3, "sleep": 1.5, "text": "x"}',
+    proc = subprocess.Popen([RUNPLANE, "--json", "job", "run", ep, '{"stream": 3, "sleep": 2, "text": "x"}',
                              "--stream"], env=cli_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     try:
         first = json.loads(proc.stdout.readline())
         assert first == {"index": 0, "text": "X"}
         # The first chunk is printed while the job still runs: chunks come as they are made.
-        jobs = as_json(cluster, "job", "list", ep)
+        with cluster.client() as http:
+            jobs = http.get(f"/v1/endpoints/{ep}/jobs").json()
         assert [job["status"] for job in jobs] == ["IN_PROGRESS"]
         rest = [json.loads(line) for line in proc.stdout.read().splitlines()]
         assert proc.wait(60) == 0, proc.stderr.read()

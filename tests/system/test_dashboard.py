@@ -30,6 +30,7 @@ def test_dashboard_shows_the_fleet_and_runs_a_job(cluster, tmp_path):
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda exc: problems.append(str(exc)))
             page.set_default_timeout(30_000)
+            expect.set_options(timeout=30_000)  # a loaded machine: polls and the job take their time
 
             page.goto(cluster.gateway_url + "/")  # redirects to /dashboard
             assert page.url.endswith("/dashboard")
