@@ -110,6 +110,10 @@ def test_every_job_path_runs_without_a_permission_violation(secured, echo_endpoi
             http_.post(f"/v2/{echo_endpoint}/purge-queue")
             assert cluster.wait_job(echo_endpoint, queued["id"])["status"] in ("CANCELLED", "COMPLETED")
             assert http_.get(f"/v2/{echo_endpoint}/health").status_code == 200
+            # What the CLI and the dashboard read: nodes, workers, jobs, worker logs (request/reply).
+            for path in ("/v1/nodes", f"/v1/endpoints/{echo_endpoint}/workers",
+                         f"/v1/endpoints/{echo_endpoint}/jobs?limit=5", f"/v1/endpoints/{echo_endpoint}/logs"):
+                assert http_.get(path).status_code == 200, path
 
             # Retention: the scheduler's janitor deletes old records and their payload objects.
             def expired() -> bool:
