@@ -9,23 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snapshot, split_nodes
 from runplane_scheduler.placement import (Chooser, NodeViews, Option, desired_workers, gpu_matches, ledger,
                                          live_workers, place, select)
 
-NOW = 1_700_000_000_000
-
-
-def ids(prefix: str = "w"):
-    counter = itertools.count(1)
-    return lambda: f"{prefix}{next(counter)}"
-
-
-def ep(endpoint_id: str = "ep1", **kw: object) -> EndpointSpec:
-    return EndpointSpec(id=endpoint_id, name=endpoint_id, **kw)  # type: ignore[arg-type]
+from placement_fixtures import NOW, ep, ids, node, snap
 
 
 def gpu(index: int, name: str = "NVIDIA H100 80GB HBM3", node: str = "n") -> GpuInfo:
@@ -37,21 +27,6 @@ def worker(worker_id: str, endpoint_id: str = "ep1", state: str = "idle", *, idl
     return WorkerInfo(worker_id=worker_id, endpoint_id=endpoint_id, state=state,  # type: ignore[arg-type]
                       started_at_ms=NOW - 60_000, idle_since_ms=idle_since_ms, jobs=jobs or [],
                       gpu_uuids=gpus or [])
-
-
-def node(node_id: str, *, cpus: int = 4, gpus: list[GpuInfo] | None = None,
-         workers: list[WorkerInfo] | None = None, draining: bool = False) -> NodeStatus:
-    return NodeStatus(node_id=node_id, hostname=node_id, runtime="process", cpu_count=cpus, gpus=gpus or [],
-                      workers=workers or [], heartbeat_at_ms=NOW, draining=draining)
-
-
-def snap(nodes: list[NodeStatus], endpoints: list[EndpointSpec], targets: dict[str, int] | None = None,
-         **kw: object) -> Snapshot:
-    return Snapshot(
-        now_ms=NOW, nodes={n.node_id: n for n in nodes}, endpoints={e.id: e for e in endpoints},
-        targets={k: ScaleTarget(endpoint_id=k, desired_workers=v) for k, v in (targets or {}).items()},
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def starts(plan) -> list[tuple[str, str, list[str]]]:

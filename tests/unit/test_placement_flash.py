@@ -10,22 +10,11 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runplane_proto.endpoints import EndpointSpec
-from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
-from runplane_proto.scaling import ScaleTarget
+from runplane_proto.nodes import GpuInfo, StartWorker, StopWorker, WorkerInfo
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snapshot
 from runplane_scheduler.placement import Chooser, Option, desired_workers, ledger, live_workers, place, select
 
-NOW = 1_700_000_000_000
-
-
-def ids(prefix: str = "w"):
-    counter = itertools.count(1)
-    return lambda: f"{prefix}{next(counter)}"
-
-
-def ep(endpoint_id: str = "ep1", **kw: object) -> EndpointSpec:
-    return EndpointSpec(id=endpoint_id, name=endpoint_id, **kw)  # type: ignore[arg-type]
+from placement_fixtures import NOW, ep, ids, node, snap
 
 
 def gpu(index: int, node: str = "n", name: str = "NVIDIA H100 80GB HBM3") -> GpuInfo:
@@ -41,21 +30,6 @@ def worker(worker_id: str, endpoint_id: str = "ep1", state: str = "idle", *, use
 
 def parked(worker_id: str, endpoint_id: str = "ep1", **kw: object) -> WorkerInfo:
     return worker(worker_id, endpoint_id, "parked", **kw)  # type: ignore[arg-type]
-
-
-def node(node_id: str, *, cpus: int = 4, gpus: list[GpuInfo] | None = None,
-         workers: list[WorkerInfo] | None = None, draining: bool = False) -> NodeStatus:
-    return NodeStatus(node_id=node_id, hostname=node_id, runtime="process", cpu_count=cpus, gpus=gpus or [],
-                      workers=workers or [], heartbeat_at_ms=NOW, draining=draining)
-
-
-def snap(nodes: list[NodeStatus], endpoints: list[EndpointSpec], targets: dict[str, int] | None = None,
-         **kw: object) -> Snapshot:
-    return Snapshot(
-        now_ms=NOW, nodes={n.node_id: n for n in nodes}, endpoints={e.id: e for e in endpoints},
-        targets={k: ScaleTarget(endpoint_id=k, desired_workers=v) for k, v in (targets or {}).items()},
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def starts(plan) -> list[tuple[str, str, str, list[str]]]:
