@@ -87,7 +87,8 @@ async def test_job_of_a_sigkilled_agent_is_redelivered_to_another_agent(nats_ser
             first.wait()
             # Its workers die with it (PR_SET_PDEATHSIG)...
             await async_wait_until(lambda: _value(worker_pid(doomed_worker) is None), what="worker gone")
-            assert not process_alive(pid)
+            # (its environment vanishes a moment before the exiting process does)
+            await async_wait_until(lambda: _value(not process_alive(pid)), timeout_s=10, what="worker exited")
             # ... and after ack_wait JetStream hands the job to another agent.
             async with running_agent(url, ack_wait_s=2) as second:
                 await start_worker(bus, second.settings.node_id, fast_spec(ep))
