@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snapshot, split_nodes
-from runplane_scheduler.placement import (Chooser, NodeViews, Option, desired_workers, gpu_matches, ledger,
-                                         live_workers, place, select)
+from runplane_scheduler.placement import (NodeViews, desired_workers, gpu_matches, live_workers, place)
 
-from placement_fixtures import NOW, ep, ids, node, snap
+from placement_fixtures import (NOW, assert_heaps_choose_what_a_scan_chooses, assert_same_snapshot_same_plan,
+                                ep, ids, node, snap)
 
 
 def gpu(index: int, name: str = "NVIDIA H100 80GB HBM3", node: str = "n") -> GpuInfo:
@@ -276,7 +276,7 @@ def clusters(draw) -> Snapshot:
 @settings(max_examples=300, deadline=None)
 @given(clusters())
 def test_same_snapshot_same_plan(snapshot):
-    assert place(snapshot, NOW, ids()) == place(snapshot, NOW, ids())
+    assert_same_snapshot_same_plan(snapshot)
 
 
 @settings(max_examples=300, deadline=None)
@@ -343,19 +343,7 @@ def test_the_reason_stays_short_on_a_large_fleet():
 @settings(max_examples=300, deadline=None)
 @given(clusters(), st.lists(st.sampled_from(ENDPOINTS), max_size=12))
 def test_the_heaps_choose_exactly_what_a_scan_of_every_node_chooses(snapshot, turns):
-    """Chooser (heaps per endpoint shape) against `select` (every node, every time)."""
-    fast, slow = ledger(snapshot), ledger(snapshot)
-    chooser = Chooser(fast, workers_per_cpu=1, backoff=snapshot.backoff)
-    for endpoint_id in turns:
-        spec = snapshot.endpoints.get(endpoint_id)
-        if spec is None:
-            continue
-        chosen = chooser.best(spec)
-        expected = select(spec, slow, workers_per_cpu=1, backoff=snapshot.backoff)
-        assert chosen == expected
-        if isinstance(chosen, Option):
-            chooser.assign(chosen)
-            slow[chosen.node_id].assign(chosen.gpu_uuids)
+    assert_heaps_choose_what_a_scan_chooses(snapshot, turns)
 
 
 def test_a_large_fleet_is_placed_in_one_plan():

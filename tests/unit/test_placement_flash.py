@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from runplane_proto.nodes import GpuInfo, StartWorker, StopWorker, WorkerInfo
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snapshot
-from runplane_scheduler.placement import Chooser, Option, desired_workers, ledger, live_workers, place, select
+from runplane_scheduler.placement import desired_workers, ledger, live_workers, place
 
-from placement_fixtures import NOW, ep, ids, node, snap
+from placement_fixtures import (NOW, assert_heaps_choose_what_a_scan_chooses, assert_same_snapshot_same_plan,
+                                ep, ids, node, snap)
 
 
 def gpu(index: int, node: str = "n", name: str = "NVIDIA H100 80GB HBM3") -> GpuInfo:
@@ -222,7 +223,7 @@ def _reported(snapshot: Snapshot) -> dict[str, tuple[str, WorkerInfo]]:
 @settings(max_examples=300, deadline=None)
 @given(clusters())
 def test_same_snapshot_same_plan(snapshot):
-    assert place(snapshot, NOW, ids()) == place(snapshot, NOW, ids())
+    assert_same_snapshot_same_plan(snapshot)
 
 
 @settings(max_examples=400, deadline=None)
@@ -293,14 +294,4 @@ def test_stops_and_counts_with_parked_workers(snapshot):
 @settings(max_examples=300, deadline=None)
 @given(clusters(), st.lists(st.sampled_from(ENDPOINTS), max_size=10))
 def test_the_heaps_choose_exactly_what_a_scan_chooses_with_parked_workers(snapshot, turns):
-    fast, slow = ledger(snapshot), ledger(snapshot)
-    chooser = Chooser(fast, workers_per_cpu=1, backoff=snapshot.backoff)
-    for endpoint_id in turns:
-        spec = snapshot.endpoints.get(endpoint_id)
-        if spec is None:
-            continue
-        chosen = chooser.best(spec)
-        assert chosen == select(spec, slow, workers_per_cpu=1, backoff=snapshot.backoff)
-        if isinstance(chosen, Option):
-            chooser.assign(chosen)
-            slow[chosen.node_id].assign(chosen.gpu_uuids)
+    assert_heaps_choose_what_a_scan_chooses(snapshot, turns)
