@@ -27,5 +27,8 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     gpu_count: int = 0
     gpu_type_ids: list[str] = []
     execution_timeout_ms: int = 600_000
+    # Flash endpoints: workers kept pre-warmed (started, initialised, parked) even at zero
+    # active workers, so the first job after a quiet spell is a flash start, not a cold one.
+    prewarm_workers: int = 0
     created_at_ms: int = 0
     updated_at_ms: int = 0

@@ -56,16 +56,25 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     memory_available_mb: int = 0
     disk_total_mb: int = 0
     disk_free_mb: int = 0
+    # Flash boot's parking pool: its memory budget (0 = no parking here) and what parked
+    # workers hold of it now.
+    park_budget_mb: int = 0
+    parked_mb: int = 0
 
 
 class StartWorker(msgspec.Struct, frozen=True, kw_only=True, tag="start_worker"):
     """Start a worker of `spec` with this id. Idempotent: a known worker id is a no-op, except
     that a parked worker with this id is resumed (it becomes one of the endpoint's workers
-    again). A parked worker holding any of `gpu_uuids` is evicted (stopped) first."""
+    again). A parked worker holding any of `gpu_uuids` is evicted (stopped) first.
+
+    With `park` (pre-warm) the new worker starts parked: once initialised it is paused into
+    the node's pool, if it fits there without evicting anything (else it is stopped). A node
+    without a pool for it refuses the command."""
 
     worker_id: WorkerId
     spec: EndpointSpec
     gpu_uuids: list[str] = []
+    park: bool = False
 
 
 class StopWorker(msgspec.Struct, frozen=True, kw_only=True, tag="stop_worker"):

@@ -20,6 +20,8 @@ class ScaleTarget(msgspec.Struct, frozen=True, kw_only=True):
     last_needed_at_ms: int = 0
     # When `desired_workers` last went up.
     last_scale_up_at_ms: int = 0
+    # Flash endpoints: workers to keep pre-warmed (live or parked together) at any count.
+    prewarm_workers: int = 0
 
 
 class PlacementStatus(msgspec.Struct, frozen=True, kw_only=True):

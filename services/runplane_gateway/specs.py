@@ -20,6 +20,7 @@ _SPEC_FIELDS = {
     "workersMin": "workers_min", "workersMax": "workers_max", "idleTimeout": "idle_timeout_s",
     "scalerType": "scaler_type", "scalerValue": "scaler_value", "flashboot": "flashboot",
     "gpuCount": "gpu_count", "gpuTypeIds": "gpu_type_ids", "executionTimeoutMs": "execution_timeout_ms",
+    "prewarmWorkers": "prewarm_workers",
 }
 assert set(_SPEC_FIELDS) == ENDPOINT_FIELDS
 
@@ -78,6 +79,9 @@ IMAGE_NAME_MAX = 512
 def _checked(spec: EndpointSpec) -> EndpointSpec:
     if spec.workers_min > spec.workers_max:
         raise ApiError(400, f"workersMin must be <= workersMax (got {spec.workers_min} > {spec.workers_max})")
+    if spec.prewarm_workers > spec.workers_max:
+        raise ApiError(400, f"prewarmWorkers must be <= workersMax (got {spec.prewarm_workers} > "
+                            f"{spec.workers_max})")
     if not spec.command and not spec.image_name:
         raise ApiError(400, "an endpoint needs a command or an imageName")
     if spec.image_name is not None and not spec.image_name.strip():

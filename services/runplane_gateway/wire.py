@@ -114,6 +114,7 @@ class EndpointCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gpuCount: GpuCount = 0
     gpuTypeIds: list[str] = []
     executionTimeoutMs: ExecutionTimeoutMs = 600_000
+    prewarmWorkers: WorkerCount = 0
 
 
 class EndpointPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -132,6 +133,7 @@ class EndpointPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gpuCount: GpuCount | UnsetType = UNSET
     gpuTypeIds: list[str] | UnsetType = UNSET
     executionTimeoutMs: ExecutionTimeoutMs | UnsetType = UNSET
+    prewarmWorkers: WorkerCount | UnsetType = UNSET
 
 
 ENDPOINT_FIELDS: frozenset[str] = frozenset(EndpointCreate.__struct_fields__)
@@ -152,6 +154,7 @@ class EndpointView(msgspec.Struct, frozen=True):
     gpuCount: int
     gpuTypeIds: list[str]
     executionTimeoutMs: int
+    prewarmWorkers: int
     createdAtMs: int
     updatedAtMs: int
 
