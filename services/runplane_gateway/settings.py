@@ -33,6 +33,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     rate_limits: bool = False
     # Node status older than this is a lost node: its workers are not counted in /health.
     node_loss_timeout_s: float = 10.0
+    # Jobs an endpoint may have queued (not yet taken) before /run and /runsync answer 429
+    # (RunPod: 50,000); 0 turns the cap off.
+    queue_cap: int = 50_000
 
 
 def parse_deny_list(raw: str) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -75,4 +78,12 @@ def load_settings() -> GatewaySettings:
         max_body_runsync_bytes=env_int("RP_MAX_BODY_RUNSYNC_BYTES", 20 * MB),
         rate_limits=env_bool("RP_RATE_LIMITS", False),
         node_loss_timeout_s=env_float("RP_NODE_LOSS_TIMEOUT_S", 10.0),
+        queue_cap=_queue_cap(),
     )
+
+
+def _queue_cap() -> int:
+    cap = env_int("RP_QUEUE_CAP", 50_000)
+    if cap < 0:
+        raise SettingsError(f"RP_QUEUE_CAP must be 0 (no cap) or a positive number of jobs, got {cap}")
+    return cap
