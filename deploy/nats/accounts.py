@@ -34,7 +34,8 @@ ACCOUNT = "RUNPLANE"
 API = "$JS.API"
 
 STREAMS = (s.STREAM_JOBS, s.STREAM_CHUNKS, s.STREAM_WEBHOOKS)
-BUCKETS = (s.KV_JOBS, s.KV_ENDPOINTS, s.KV_NODES, s.KV_SCALE, s.KV_PLACEMENT, s.KV_LEASES, s.KV_CURSORS)
+BUCKETS = (s.KV_JOBS, s.KV_ENDPOINTS, s.KV_NODES, s.KV_SCALE, s.KV_PLACEMENT, s.KV_LEASES, s.KV_CURSORS,
+           s.KV_API_KEYS)
 
 
 def kv_stream(bucket: str) -> str:
@@ -105,7 +106,11 @@ JETSTREAM: dict[str, tuple[Grant, ...]] = {
 }
 
 # Buckets outside the contract's channels: (bucket, writers, readers).
-EXTRA_BUCKETS = ((s.KV_CURSORS, ("gateway",), ("gateway",)),)
+EXTRA_BUCKETS = (
+    (s.KV_CURSORS, ("gateway",), ("gateway",)),
+    # API key hashes: only the gateway may read or write them.
+    (s.KV_API_KEYS, ("gateway",), ("gateway",)),
+)
 
 
 @dataclass

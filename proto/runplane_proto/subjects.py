@@ -25,6 +25,8 @@ KV_SCALE = "rp-scale"
 KV_PLACEMENT = "rp-placement"
 KV_LEASES = "rp-leases"
 KV_CURSORS = "rp-stream-cursors"
+# API keys (hashes only), gateway only: see runplane_proto.keys.
+KV_API_KEYS = "rp-api-keys"
 OBJ_PAYLOADS = "rp-payloads"
 
 # Wildcards used for stream definitions and fleet-wide subscriptions.
@@ -107,6 +109,10 @@ def placement_key(endpoint_id: str) -> str:
 
 def lease_key(role: str) -> str:
     return check_id(role, "lease")
+
+
+def api_key_key(key_id: str) -> str:
+    return check_id(key_id, "API key")
 
 
 def payload_object(job_id: str, kind: str) -> str:
