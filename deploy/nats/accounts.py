@@ -33,7 +33,7 @@ ROLES = ("gateway", "scheduler", "autoscaler", "node-agent")
 ACCOUNT = "RUNPLANE"
 API = "$JS.API"
 
-STREAMS = (s.STREAM_JOBS, s.STREAM_CHUNKS, s.STREAM_WEBHOOKS)
+STREAMS = (s.STREAM_JOBS, s.STREAM_CHUNKS, s.STREAM_WEBHOOKS, s.STREAM_JOB_ENDS)
 BUCKETS = (s.KV_JOBS, s.KV_ENDPOINTS, s.KV_NODES, s.KV_SCALE, s.KV_PLACEMENT, s.KV_LEASES, s.KV_CURSORS,
            s.KV_API_KEYS)
 
@@ -82,12 +82,16 @@ JETSTREAM: dict[str, tuple[Grant, ...]] = {
               "creates (and widens) an endpoint's queue consumer, reads it for /health, deletes it "
               "with the endpoint"),
         Grant(tuple(consume(s.STREAM_WEBHOOKS)), "delivers webhooks from the durable `webhooks`"),
+        Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_JOBS)}.*",),
+              "lists an endpoint's jobs page by page (a pull consumer of rp-jobs)"),
         Grant(tuple(read_messages(s.STREAM_CHUNKS)), "/stream reads a job's chunks by sequence"),
         Grant(tuple(read_messages(OBJ_STREAM) + watch(OBJ_STREAM) + purge(OBJ_STREAM))
               + (f"$O.{s.OBJ_PAYLOADS}.>",), "saves inputs, reads outputs, deletes both"),
     ),
     "scheduler": (
         Grant(tuple(purge(kv_stream(s.KV_JOBS))), "the janitor drops deleted records' markers"),
+        Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_JOBS)}.*",),
+              "the janitor reads the records page by page (a pull consumer of rp-jobs)"),
         Grant(tuple(purge(s.STREAM_CHUNKS)), "the janitor drops an expired job's chunks"),
         Grant(tuple(read_messages(OBJ_STREAM) + purge(OBJ_STREAM)) + (f"$O.{s.OBJ_PAYLOADS}.M.>",),
               "the janitor deletes an expired job's payloads"),

@@ -21,7 +21,7 @@ from runplane_bus.topology import delete_job_consumer, ensure_job_consumer, ensu
 from runplane_proto import subjects as s
 from runplane_proto.codec import Codec, DecodeError, encode
 from runplane_proto.endpoints import EndpointSpec
-from runplane_proto.jobs import JobRecord
+from runplane_proto.jobs import JobEnded, JobOutcome, JobRecord, outcome_of
 from runplane_proto.leases import Lease
 from runplane_proto.nodes import NodeStatus
 from runplane_proto.scaling import PlacementStatus, ScaleTarget
@@ -143,6 +143,18 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         ack = await self.js.publish(subject, encode(msg), headers=headers)
         return ack.seq
+
+    async def count_job_end(self, record: JobRecord, outcome: JobOutcome | None = None) -> None:
+        """Count a job that just ended (its status decides the outcome) or was retried, on
+        stream JOBENDS for /health. Not waited for (a lost count only makes /health low);
+        `Nats-Msg-Id` keeps a repeated write of the same end from counting twice."""
+        outcome = outcome or outcome_of(record.status)
+        if outcome is None:
+            return
+        await self.nc.publish(
+            s.job_ended(record.endpoint_id, outcome),
+            encode(JobEnded(job_id=record.id, endpoint_id=record.endpoint_id, outcome=outcome)),
+            headers={"Nats-Msg-Id": f"{record.id}:{record.retries}:{outcome}"})
 
     async def request(self, subject: str, msg: Any, reply: Codec[T], timeout_s: float = 5.0) -> T:
         resp = await self.nc.request(subject, encode(msg), timeout=timeout_s)

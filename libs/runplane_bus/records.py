@@ -8,6 +8,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
@@ -130,6 +131,48 @@ class TypedKV(Generic[T]):
                 continue
             yield entry.key, value
 
+    async def pages(self, pattern: str = ">", *, page_size: int = 1000) -> AsyncIterator[list[tuple[str, T]]]:
+        """Every current value whose key matches `pattern`, `page_size` at a time, oldest
+        write first: one pull consumer (last value per key) fetched page by page, so memory
+        stays at one page however large the bucket. A key written during the read may come
+        twice or be missed at its new value (the caller's rules run again next time); keys
+        written after the read began are left for the next read, so it ends however busy the
+        bucket is."""
+        js = self.kv._js
+        stream = f"KV_{self.kv._name}"
+        prefix = f"$KV.{self.kv._name}."
+        consumer = await js.add_consumer(stream, ConsumerConfig(
+            filter_subject=prefix + pattern, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True, num_replicas=1))
+        sub = await js.pull_subscribe_bind(consumer=consumer.name, stream=stream)
+        try:
+            left = consumer.num_pending or 0
+            while left > 0:
+                try:
+                    msgs = await sub.fetch(min(page_size, left), timeout=_PAGE_WAIT_S)
+                except NatsTimeoutError:
+                    return
+                page: list[tuple[str, T]] = []
+                for msg in msgs:
+                    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                        continue
+                    key = msg.subject[len(prefix):]
+                    try:
+                        page.append((key, self.codec.decode(msg.data)))
+                    except DecodeError as exc:
+                        undecodable(self.kv._name, key, exc)
+                left -= len(msgs)
+                if page:
+                    yield page
+                if not msgs:
+                    return
+        finally:
+            try:
+                await sub.unsubscribe()
+                await js.delete_consumer(stream, consumer.name)
+            except Exception:  # it goes by itself after `inactive_threshold`
+                pass
+
     async def _scan(self, pattern: str, *, meta_only: bool) -> list[Any]:
         """The latest entry of every live key matching `pattern`, each key once.
 
@@ -167,6 +210,8 @@ class TypedKV(Generic[T]):
 
 
 _SCAN_POLL_S = 1.0
+# How long a page fetch waits when the consumer has nothing (an empty bucket or pattern).
+_PAGE_WAIT_S = 0.5
 
 
 async def _caught_up(watcher: Any, received: int, *, quiet: bool) -> bool:

@@ -12,6 +12,9 @@ DAY_S = 86_400.0
 # Longest job TTL RunPod allows is 7 days; keep queue messages a little longer so
 # the TTL check, not the stream, is what ends them.
 JOBS_MAX_AGE_S = 7 * DAY_S + 3600
+# The window /health's completed / failed / retried counts cover: RunPod's result retention
+# for /run jobs.
+JOB_ENDS_MAX_AGE_S = 1800.0
 
 
 async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
@@ -26,6 +29,11 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
     await _stream(js, api.StreamConfig(
         name=s.STREAM_WEBHOOKS, subjects=[s.ALL_WEBHOOKS], retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE, max_age=DAY_S, duplicate_window=120.0, num_replicas=replicas,
+    ))
+    await _stream(js, api.StreamConfig(
+        name=s.STREAM_JOB_ENDS, subjects=[s.ALL_JOB_ENDS], retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE, max_age=JOB_ENDS_MAX_AGE_S, duplicate_window=120.0,
+        num_replicas=replicas,
     ))
     for bucket, history, ttl in (
         (s.KV_JOBS, 1, None),

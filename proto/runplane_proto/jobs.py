@@ -114,3 +114,26 @@ class WebhookDue(msgspec.Struct, frozen=True, kw_only=True, tag="webhook_due"):
 
     job_id: JobId
     endpoint_id: EndpointId
+
+
+# How a job ended, as /health counts it (`completed`, `failed`, `retried`).
+JobOutcome = Literal["completed", "failed", "retried"]
+
+
+def outcome_of(status: str) -> JobOutcome | None:
+    """The /health count a terminal status adds to (CANCELLED is counted nowhere)."""
+    if status == "COMPLETED":
+        return "completed"
+    if status in ("FAILED", "TIMED_OUT"):
+        return "failed"
+    return None
+
+
+class JobEnded(msgspec.Struct, frozen=True, kw_only=True, tag="job_ended"):
+    """Published on stream JOBENDS (`rp.jobends.<endpoint>.<outcome>`) when a job ends or is
+    retried. Nobody reads the messages: the stream's per-subject counts over its age window
+    are /health's `completed`, `failed` and `retried`, one request for any number of jobs."""
+
+    job_id: JobId
+    endpoint_id: EndpointId
+    outcome: JobOutcome

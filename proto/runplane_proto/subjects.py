@@ -16,6 +16,7 @@ from runplane_proto.ids import check_id
 STREAM_JOBS = "JOBS"
 STREAM_CHUNKS = "JOBCHUNKS"
 STREAM_WEBHOOKS = "WEBHOOKS"
+STREAM_JOB_ENDS = "JOBENDS"
 
 # KV buckets and the object store
 KV_JOBS = "rp-jobs"
@@ -36,6 +37,7 @@ ALL_NORMAL_JOB_QUEUES = "rp.jobs.*"
 ALL_JOB_CHUNKS = "rp.job.*.chunks"
 ALL_JOB_EVENTS = "rp.job.*.events"
 ALL_WEBHOOKS = "rp.webhook.*.due"
+ALL_JOB_ENDS = "rp.jobends.*.*"
 ALL_CANCELS = "rp.endpoint.*.cancel"
 WEBHOOK_CONSUMER = "webhooks"
 
@@ -71,6 +73,15 @@ def job_cancel(endpoint_id: str) -> str:
 
 def webhook_due(endpoint_id: str) -> str:
     return f"rp.webhook.{check_id(endpoint_id, 'endpoint')}.due"
+
+
+def job_ended(endpoint_id: str, outcome: str) -> str:
+    """Where a job's end (or retry) is counted: `rp.jobends.<endpoint>.<outcome>`."""
+    return f"rp.jobends.{check_id(endpoint_id, 'endpoint')}.{check_id(outcome, 'outcome')}"
+
+
+def endpoint_job_ends_filter(endpoint_id: str) -> str:
+    return f"rp.jobends.{check_id(endpoint_id, 'endpoint')}.*"
 
 
 def node_cmd(node_id: str) -> str:
@@ -155,6 +166,12 @@ REGISTRY: tuple[Channel, ...] = (
     Channel("webhook due", "rp.webhook.<endpoint>.due", f"jetstream {STREAM_WEBHOOKS} (work queue)",
             jobs.WebhookDue, ("node-agent", "gateway", "scheduler"), ("gateway",),
             "A job with a webhook became terminal; one gateway replica delivers it."),
+    Channel("job ends", "rp.jobends.<endpoint>.<outcome>", f"jetstream {STREAM_JOB_ENDS} (limits, 30 min)",
+            jobs.JobEnded, ("node-agent", "gateway", "scheduler"), ("gateway (per-subject counts only)",),
+            "One message per job that ended COMPLETED (`completed`) or FAILED / TIMED_OUT (`failed`), "
+            "and per /retry (`retried`), deduplicated by `Nats-Msg-Id`. Never consumed: /health reads "
+            "the stream's message count per subject of the endpoint, so its counts cost one request "
+            "however many jobs there are."),
     Channel("node commands", "rp.node.<node>.cmd", "request/reply", nodes.NodeCommand,
             ("scheduler",), ("node-agent",), "Start or stop a worker; answered with CommandReply."),
     Channel("worker logs", "rp.node.<node>.logs", "request/reply", logs.WorkerLogsRequest,

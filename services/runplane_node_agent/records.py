@@ -36,12 +36,13 @@ class RecordWriter:
 
     async def conclude(self, key: str, record: JobRecord, revision: int,
                         change: Change) -> JobRecord | None:
-        """Write a status change and announce it: JobChanged, then WebhookDue for a terminal
-        record with a webhook. Returns the written record, None if nothing was written."""
+        """Write a status change and announce it: JobChanged, the end's count for /health, then
+        WebhookDue for a terminal record with a webhook. Returns the written record, None if nothing was written."""
         new, _, written = await self.cas(key, record, revision, change)
         if not written or new is None:
             return None
         await self.bus.publish(s.job_events(new.id), JobChanged(record=new))
+        await self.bus.count_job_end(new)
         if new.webhook and is_terminal(new.status):
             await self.bus.publish_durable(s.webhook_due(new.endpoint_id),
                                            WebhookDue(job_id=new.id, endpoint_id=new.endpoint_id),

@@ -9,7 +9,7 @@ import pytest
 
 from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
-from runplane_proto.jobs import JobEvent, JobQueued, JobRecord, StreamChunk, CancelJob, WebhookDue
+from runplane_proto.jobs import JobEnded, JobEvent, JobQueued, JobRecord, StreamChunk, CancelJob, WebhookDue
 from runplane_proto.nodes import CommandReply, NodeCommand, NodeStatus
 from runplane_proto.leases import Lease
 from runplane_proto.logs import WorkerLogsReply, WorkerLogsRequest
@@ -22,7 +22,7 @@ TYPES = {
     "endpoint_spec": EndpointSpec, "node_status": NodeStatus, "start_worker": NodeCommand,
     "stop_worker": NodeCommand, "command_reply": CommandReply, "scale_target": ScaleTarget, "lease": Lease,
     "placement_status": PlacementStatus, "worker_logs_request": WorkerLogsRequest,
-    "worker_logs_reply": WorkerLogsReply,
+    "worker_logs_reply": WorkerLogsReply, "job_ended": JobEnded,
 }
 
 
