@@ -17,10 +17,11 @@ _encoder = msgspec.json.Encoder()
 class ApiError(Exception):
     """Raised anywhere under a route; rendered as `{"error": message}` with `status`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
 def json_response(body: bytes, status: int = 200) -> Response:
@@ -48,7 +49,7 @@ def validation_message(exc: msgspec.ValidationError, prefix: str = "") -> str:
 
 async def on_api_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.headers)
 
 
 async def on_http_error(_: Request, exc: Exception) -> Response:
