@@ -25,6 +25,7 @@ class NodeWatch:
         self.nats_url = nats_url
         self._lock = threading.Lock()
         self._peaks: dict[str, int] = {}
+        self._ids: dict[str, set[str]] = {}
         self._history: dict[str, list[tuple[float, int]]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="node-watch", daemon=True)
@@ -67,12 +68,16 @@ class NodeWatch:
         """Runs on the watch thread after every applied change: record every endpoint's count."""
         assert self._mirror is not None
         counts: dict[str, int] = {}
+        ids: dict[str, set[str]] = {}
         for status in self._mirror.values():
             for worker in status.workers:
+                ids.setdefault(worker.endpoint_id, set()).add(worker.worker_id)
                 if worker.state != "parked":
                     counts[worker.endpoint_id] = counts.get(worker.endpoint_id, 0) + 1
         now = time.monotonic()
         with self._lock:
+            for endpoint_id, seen in ids.items():
+                self._ids.setdefault(endpoint_id, set()).update(seen)
             for endpoint_id in set(counts) | set(self._history):
                 n = counts.get(endpoint_id, 0)
                 self._peaks[endpoint_id] = max(self._peaks.get(endpoint_id, 0), n)
@@ -105,6 +110,11 @@ class NodeWatch:
         """The most workers the endpoint had at any reported moment (every state but parked counted)."""
         with self._lock:
             return self._peaks.get(endpoint_id, 0)
+
+    def ids_seen(self, endpoint_id: str) -> set[str]:
+        """Every worker id the endpoint had at any reported moment, parked ones included."""
+        with self._lock:
+            return set(self._ids.get(endpoint_id, ()))
 
     def history(self, endpoint_id: str) -> list[tuple[float, int]]:
         """(time.monotonic(), worker count) at each change of the endpoint's count."""

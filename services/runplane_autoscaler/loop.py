@@ -146,7 +146,7 @@ class Autoscaler:
         if previous is None:
             return True
         last, written_at_ms = previous
-        if last.desired_workers != target.desired_workers:
+        if (last.desired_workers, last.prewarm_workers) != (target.desired_workers, target.prewarm_workers):
             return True
         # Same count: only refresh the persisted state (and reason) now and then.
         same = (last.reason, last.last_active_at_ms, last.last_needed_at_ms, last.last_scale_up_at_ms) == (

@@ -14,6 +14,9 @@ The rules (RunPod's endpoint settings, with hysteresis so a steady load gives a 
 * scale down one worker per decision, only once the surplus has lasted `idleTimeout`
   seconds, never to zero before the endpoint had no queued or in-progress work for
   `idleTimeout` seconds, and never below the number of busy workers;
+* flash endpoints keep `prewarmWorkers` pre-warmed (live or parked together, at most
+  workersMax) whatever the count, so a quiet endpoint's next job is a flash start; the
+  scheduler places them (parked from the start) and they never count as workers here;
 * low-priority jobs (`policy.lowPriority`) never add a worker: only normal jobs count
   toward the demand. They run on workers that exist anyway; while there are any, the
   last worker is kept (its idle window restarts) as for any other work.
@@ -115,6 +118,11 @@ def clamp(spec: EndpointSpec, n: int) -> int:
     return min(high, max(low, n))
 
 
+def prewarm(spec: EndpointSpec) -> int:
+    """Workers to keep pre-warmed: only flash endpoints, within workersMax."""
+    return min(max(0, spec.prewarm_workers), bounds(spec)[1]) if spec.flashboot else 0
+
+
 def initial_state(spec: EndpointSpec, now_ms: int) -> ScaleState:
     """The state of an endpoint seen for the first time: at workersMin, nothing to remember."""
     return ScaleState(desired_workers=clamp(spec, 0), last_needed_at_ms=now_ms)
@@ -198,5 +206,6 @@ def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
     target = ScaleTarget(
         endpoint_id=spec.id, desired_workers=desired, reason=reason, decided_at_ms=now_ms,
         last_active_at_ms=last_active, last_needed_at_ms=last_needed, last_scale_up_at_ms=last_up,
+        prewarm_workers=prewarm(spec),
     )
     return target, new_state

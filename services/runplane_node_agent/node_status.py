@@ -74,6 +74,8 @@ class StatusPublisher:
             heartbeat_at_ms=self.clock.now_ms(), draining=self.draining,
             memory_available_mb=usage.memory_available_mb, disk_total_mb=usage.disk_total_mb,
             disk_free_mb=usage.disk_free_mb,
+            park_budget_mb=self.supervisor.flash.budget_for_status(),
+            parked_mb=self.supervisor.flash.parked_mb(),
         )
 
     async def write(self) -> None:

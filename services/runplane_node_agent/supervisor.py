@@ -131,6 +131,8 @@ class Supervisor:
             return CommandReply(ok=True)
         if self.closing:
             return CommandReply(ok=False, error="node is draining")
+        if cmd.park and (why_not := self.flash.why_no_prewarm(cmd.spec)) is not None:
+            return CommandReply(ok=False, error=f"cannot pre-warm here: {why_not}")
         if cmd.gpu_uuids:
             names = self.gpu_names(tuple(cmd.gpu_uuids))
             if names is None:
@@ -149,6 +151,7 @@ class Supervisor:
                 except TimeoutError:
                     return CommandReply(ok=False, error="parked workers with these GPUs did not exit in time")
         worker = Worker(cmd, self.clock.now_ms())
+        worker.parked = cmd.park  # a pre-warm: parked from the start, paused at its first poll
         self.workers[worker.worker_id] = worker
         try:
             await self._spawn(worker)
@@ -245,6 +248,15 @@ class Supervisor:
             node_metrics.worker_ready(startup_ms, from_snapshot=worker.from_snapshot)
             self.on_change()
             self.flash.initialised(worker)
+            if worker.parked:
+                self._spawn_task(self._admit(worker))
+
+    async def _admit(self, worker: Worker) -> None:
+        why_not = await self.flash.admit_prewarmed(worker)
+        if why_not is not None:
+            log.info("pre-warmed worker does not fit the parking pool; stopping it",
+                     worker_id=worker.worker_id, endpoint_id=worker.endpoint_id, why=why_not)
+            self._evict(worker, why_not, why="prewarm")
 
     def pinged(self, worker: Worker, job_ids: frozenset[str], version: str | None, status: str | None,
                detail: str) -> None:

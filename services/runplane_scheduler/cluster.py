@@ -20,6 +20,8 @@ class PendingStart(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str
     gpu_uuids: list[str] = []
     sent_at_ms: int = 0
+    # A pre-warm (StartWorker with `park`): the worker will be parked, not one of the endpoint's.
+    park: bool = False
 
 
 class PendingStop(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +47,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     pending_stops: list[PendingStop] = []
     # Nodes to leave alone for now (a command to them just failed), with the reason.
     backoff: dict[str, str] = {}
+    # Endpoints whose pre-warming waits (a node just refused one for lack of pool room), why.
+    prewarm_hold: dict[str, str] = {}
 
 
 def split_nodes(nodes: Iterable[NodeStatus], now_ms: int, loss_timeout_ms: int
@@ -70,6 +74,11 @@ class Pending:
         self.starts: dict[str, PendingStart] = {}
         self.stops: dict[str, PendingStop] = {}
         self._backoff: dict[str, tuple[int, str]] = {}
+        self._prewarm_hold: dict[str, tuple[int, str]] = {}
+
+    def hold_prewarm(self, endpoint_id: str, reason: str, now_ms: int) -> None:
+        """Pre-warm no more workers of this endpoint for one back-off period."""
+        self._prewarm_hold[endpoint_id] = (now_ms + self.backoff_ms, reason)
 
     def start_sent(self, start: PendingStart) -> None:
         self.starts[start.worker_id] = start
@@ -102,8 +111,10 @@ class Pending:
         expired: list[PendingStart] = []
         for worker_id, start in list(self.starts.items()):
             worker = reported(start.node_id, worker_id) if start.node_id in alive else None
-            # A start naming a parked worker (a resume) is done once it is no longer parked.
-            if start.node_id not in alive or (worker is not None and worker.state != "parked"):
+            # A start naming a parked worker (a resume) is done once it is no longer parked; a
+            # pre-warm once the node reports its new (parked) worker.
+            done = worker is not None and (start.park or worker.state != "parked")
+            if start.node_id not in alive or done:
                 del self.starts[worker_id]
             elif now_ms - start.sent_at_ms > self.timeout_ms:
                 del self.starts[worker_id]
@@ -123,5 +134,9 @@ class Pending:
             now_ms=now_ms, nodes=nodes, endpoints=endpoints, targets=targets,
             pending_starts=sorted(self.starts.values(), key=lambda p: p.worker_id),
             pending_stops=sorted(self.stops.values(), key=lambda p: p.worker_id),
-            backoff=self.backoff(now_ms),
+            backoff=self.backoff(now_ms), prewarm_hold=self._held(now_ms),
         )
+
+    def _held(self, now_ms: int) -> dict[str, str]:
+        self._prewarm_hold = {e: v for e, v in self._prewarm_hold.items() if v[0] > now_ms}
+        return {e: reason for e, (_, reason) in self._prewarm_hold.items()}

@@ -68,7 +68,8 @@ class Scheduler:
         # not (the interval covers them).
 
         def count_changed(_: str, old: ScaleTarget | None, new: ScaleTarget | None) -> None:
-            if (old and old.desired_workers) != (new and new.desired_workers):
+            if (old and (old.desired_workers, old.prewarm_workers)) != (
+                    new and (new.desired_workers, new.prewarm_workers)):
                 wake.set()
 
         self._mirrors = (
@@ -209,7 +210,7 @@ class Scheduler:
         if isinstance(message, StartWorker):
             self.pending.start_sent(PendingStart(
                 worker_id=message.worker_id, endpoint_id=message.spec.id, node_id=command.node_id,
-                gpu_uuids=message.gpu_uuids, sent_at_ms=now_ms))
+                gpu_uuids=message.gpu_uuids, sent_at_ms=now_ms, park=message.park))
         else:
             self.pending.stop_sent(PendingStop(worker_id=message.worker_id, endpoint_id=command.endpoint_id,
                                                node_id=command.node_id, sent_at_ms=now_ms, park=message.park))
@@ -224,7 +225,7 @@ class Scheduler:
         fields: dict[str, Any] = {"worker_id": message.worker_id, "node_id": command.node_id,
                                   "endpoint_id": command.endpoint_id}
         if isinstance(message, StartWorker):
-            fields.update(gpu_uuids=message.gpu_uuids)
+            fields.update(gpu_uuids=message.gpu_uuids, prewarm=message.park or None)
         else:
             fields.update(reason=message.reason)
         try:
@@ -239,6 +240,15 @@ class Scheduler:
         if reply.ok:
             COMMANDS.labels(command=kind, result="ok").inc()
             log.info("worker starting" if starting else "worker stopping", **fields)
+        elif isinstance(message, StartWorker) and message.park:
+            # A refused pre-warm: the node has no room in its pool. Not the node's fault (other
+            # workers still go there), but the endpoint's pre-warming waits a while.
+            self.pending.failed(message.worker_id, command.node_id, f"pre-warm refused: {reply.error}",
+                                self.clock.now_ms(), node_fault=False)
+            self.pending.hold_prewarm(command.endpoint_id, f"{command.node_id}: {reply.error}",
+                                      self.clock.now_ms())
+            COMMANDS.labels(command="prewarm", result="refused").inc()
+            log.info("node refused a pre-warm", error=reply.error, **fields)
         else:
             # A refused start is the node's problem (back off); a refused stop means the worker got busy.
             self.pending.failed(message.worker_id, command.node_id, f"{kind} refused: {reply.error}",

@@ -28,6 +28,12 @@ the parked worker first), fewest evictions first. An endpoint's parked workers a
 (a stop without `park`), least recently used first, beyond `workersMax` live and parked
 together (a parked worker wakes by itself for a job), when the endpoint changed after they
 started, or when it is deleted.
+
+Pre-warm: a flash endpoint whose scale target asks for `prewarm_workers` keeps that many
+live and parked together, whatever its worker count (zero included): the missing ones are
+started parked (`StartWorker(park=True)`) on free capacity of nodes whose pool has room
+(`can_park`), never evicting anything; a node refusing one holds the endpoint's pre-warming
+back for a while (`Snapshot.prewarm_hold`), so a full pool never causes a start/stop loop.
 """
 
 from __future__ import annotations
@@ -235,7 +241,7 @@ def ledger(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, Node
             continue
         view = views.of(u.node)
         if start.worker_id not in view.ids:
-            u.workers += 1
+            u.workers += 0 if start.park else 1  # a pre-warm will be parked: no slot
             u.used_gpus = u.used_gpus | set(start.gpu_uuids)
             u._free = None
         elif any(p.worker_id == start.worker_id for p in view.parked):  # a resume: a slot again
@@ -276,7 +282,7 @@ def live_workers(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str
 
 def _with_starts(snapshot: Snapshot, live: dict[str, list[Live]], seen: set[str]) -> dict[str, list[Live]]:
     for start in snapshot.pending_starts:
-        if start.node_id in snapshot.nodes and start.worker_id not in seen:
+        if start.node_id in snapshot.nodes and start.worker_id not in seen and not start.park:
             seen.add(start.worker_id)
             live.setdefault(start.endpoint_id, []).append(Live(start.worker_id, start.node_id, None))
     return live
@@ -635,6 +641,9 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
     for endpoint_id, reason in sorted(blocked.items()):
         unplaced.append(Unplaced(endpoint_id=endpoint_id, missing=missing[endpoint_id], reason=reason))
 
+    commands.extend(_prewarm(snapshot, live, parked, commands, blocked, use, new_id,
+                             workers_per_cpu=workers_per_cpu))
+
     # Live and parked together stay within workersMax (a parked worker wakes by itself for a
     # job): the least recently used parked workers beyond it are evicted.
     for endpoint_id, pool in sorted(parked.items()):
@@ -649,3 +658,41 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
         for victim in (pool[::-1][:over] if over > 0 else ()):
             commands.append(_evict(victim, endpoint_id, "parked beyond workersMax", use))
     return Plan(commands=commands, unplaced=unplaced)
+
+
+def can_park(node: NodeStatus) -> bool:
+    """Whether the node may take a pre-warmed worker: it can pause workers and its pool has room."""
+    return "pause" in node.capabilities and node.park_budget_mb > node.parked_mb and not node.draining
+
+
+def _prewarm(snapshot: Snapshot, live: dict[str, list[Live]], parked: dict[str, list[Live]],
+             planned: list[Command], blocked: dict[str, str], use: dict[str, NodeUse],
+             new_id: Callable[[], str], *, workers_per_cpu: float) -> list[Command]:
+    """Pre-warm starts: a flash endpoint keeps `prewarm_workers` live and parked together (the
+    autoscaler's number); the missing ones start parked on nodes with room in their pool,
+    only on free capacity (never evicting a parked worker). Endpoints whose own workers find
+    no node, or whose pre-warming a node just refused, wait."""
+    commands: list[Command] = []
+    in_flight: dict[str, int] = {}
+    for start in snapshot.pending_starts:
+        if start.park and start.node_id in snapshot.nodes:
+            in_flight[start.endpoint_id] = in_flight.get(start.endpoint_id, 0) + 1
+    for endpoint_id, target in sorted(snapshot.targets.items()):
+        spec = snapshot.endpoints.get(endpoint_id)
+        if spec is None or not spec.flashboot or target.prewarm_workers <= 0 or endpoint_id in blocked \
+                or endpoint_id in snapshot.prewarm_hold:
+            continue
+        want = min(target.prewarm_workers, max(spec.workers_max, spec.workers_min, 0))
+        started = sum(1 for c in planned
+                      if c.endpoint_id == endpoint_id and isinstance(c.message, StartWorker))
+        have = (len(live.get(endpoint_id, [])) + started + len(parked.get(endpoint_id, []))
+                + in_flight.get(endpoint_id, 0))
+        for _ in range(want - have):
+            room = {node_id: u for node_id, u in use.items() if can_park(u.node)}
+            chosen = select(spec, room, workers_per_cpu=workers_per_cpu, backoff=snapshot.backoff)
+            if isinstance(chosen, str):
+                break
+            use[chosen.node_id].assign(chosen.gpu_uuids)
+            commands.append(Command(node_id=chosen.node_id, endpoint_id=endpoint_id, message=StartWorker(
+                worker_id=new_id(), spec=spec, gpu_uuids=list(chosen.gpu_uuids), park=True)))
+    return commands

@@ -314,3 +314,17 @@ def test_only_low_priority_work_keeps_an_endpoint_at_workers_min(endpoint, lows)
         t += 500
         target, s = decide(endpoint, Signals(low_in_queue=queued, low_in_progress=running), s, t)
         assert target.desired_workers == endpoint.workers_min, target.reason
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({"prewarm_workers": 2}, 2),
+    ({"prewarm_workers": 2, "flashboot": False}, 0),  # only flash endpoints can park
+    ({"prewarm_workers": 9, "workers_max": 3}, 3),  # never beyond workersMax
+    ({}, 0),
+])
+def test_the_target_carries_the_prewarm_count_whatever_the_worker_count(kw, expected):
+    for signals in (Signals(), Signals(in_queue=3)):
+        target, _ = decide(spec(**kw), signals, state(0), NOW)
+        assert target.prewarm_workers == expected
+    idle_target, _ = decide(spec(**kw), Signals(), state(0), NOW)
+    assert idle_target.desired_workers == 0  # pre-warmed workers are not workers

@@ -15,6 +15,10 @@
   id and GPUs and is reported "parked": not one of its endpoint's workers. Its poll still
   pulls, so a job for its endpoint wakes it at once (it is one of the endpoint's workers
   again), as does a StartWorker naming it. A StartWorker needing its GPUs evicts it.
+* **Pre-warm**: a StartWorker with `park` starts a worker parked: once initialised (its first
+  poll) it is paused at once and admitted to the pool if it fits without evicting anything,
+  else stopped. The size of the endpoint's workers is remembered, so a later pre-warm that
+  cannot fit is refused at once instead of started and stopped again.
 * **Snapshots**: the first initialised worker of an endpoint (per launch spec) on this node
   is committed to a snapshot image that later cold starts of the endpoint here start from,
   skipping what initialisation wrote to disk (runtimes with the snapshot capability).
@@ -63,6 +67,8 @@ class FlashBoot:
         self.evict: Callable[[Worker, str], None] = lambda worker, reason: None
         self.workers: Callable[[], list[Worker]] = list
         self._pool_lock = asyncio.Lock()
+        # Memory (MB) a parked worker of each launch spec (spec_digest) held when last measured.
+        self._sizes: dict[str, int] = {}
         self._snapshots_known: set[Snapshot] = set()
         self._snapshots_committing: set[Snapshot] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -133,6 +139,47 @@ class FlashBoot:
     def parked(self) -> list[Worker]:
         return [w for w in self.workers() if w.parked and not w.stopping]
 
+    def parked_mb(self) -> int:
+        return sum(max(0, w.memory_mb) for w in self.parked())
+
+    def budget_for_status(self) -> int:
+        """The pool's budget as the node reports it: 0 where nothing can be parked."""
+        return self.budget_mb if self.can_pause else 0
+
+    def why_no_prewarm(self, spec: EndpointSpec) -> str | None:
+        """Why a pre-warmed worker of `spec` cannot be taken now (None: it can)."""
+        if not self.can_pause:
+            return f"the {self.runtime.name} runtime cannot pause workers"
+        if not spec.flashboot:
+            return "not a flash endpoint"
+        if self.budget_mb <= 0:
+            return "parking is off on this node"
+        free_mb = self.budget_mb - self.parked_mb()
+        size_mb = self._sizes.get(spec_digest(spec))
+        if free_mb <= 0 or (size_mb is not None and size_mb > free_mb):
+            need = f"; a worker of this endpoint needs {size_mb} MB" if size_mb is not None else ""
+            return f"the parking pool has {max(0, free_mb)} of {self.budget_mb} MB free{need}"
+        return None
+
+    async def admit_prewarmed(self, worker: Worker) -> str | None:
+        """A pre-warmed worker finished initialising: admit it to the pool (None) if it fits
+        without evicting anything, else say why (the caller stops it)."""
+        async with self._pool_lock:
+            if not worker.parked or worker.stopping or worker.handle is None:
+                return None  # woke for a job (or is going): nothing to admit
+            memory_mb = await self.runtime.memory_mb(worker.handle) or 0
+            self._sizes[spec_digest(worker.spec)] = memory_mb
+            held_mb = sum(max(0, w.memory_mb) for w in self.parked() if w is not worker)
+            if held_mb + memory_mb > self.budget_mb:
+                return (f"a pre-warmed worker needs {memory_mb} MB, the parking pool has "
+                        f"{max(0, self.budget_mb - held_mb)} of {self.budget_mb} MB free")
+            worker.memory_mb = memory_mb
+        log.info("pre-warmed worker parked", worker_id=worker.worker_id, endpoint_id=worker.endpoint_id,
+                 memory_mb=memory_mb)
+        metrics.FLASH_PARKS.inc()
+        self.on_change()
+        return None
+
     async def park(self, worker: Worker) -> str | None:
         """Pause an idle worker into the pool; None when parked, else why it cannot be (the
         caller stops it instead)."""
@@ -158,6 +205,7 @@ class FlashBoot:
                 worker.parked = False
                 return f"needs {memory_mb} MB, the pool holds at most {self.budget_mb} MB"
             worker.memory_mb = memory_mb
+            self._sizes[spec_digest(worker.spec)] = memory_mb
             by_id = {w.worker_id: w for w in self.parked()}
             for victim in victims:
                 metrics.FLASH_EVICTIONS.labels(why="memory").inc()
