@@ -1,5 +1,8 @@
 """Job records as the gateway sees them: submit, read (with retention and TTL applied),
-render, cancel, retry, purge and count. Every record write is compare-and-set."""
+render, cancel, retry, purge and count. Every record write is compare-and-set.
+
+Nothing here reads every record: counts come from the endpoint's queue consumer and the
+JOBENDS stream, and purge drains the consumer (O(queued jobs) writes, one batch in memory)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from typing import Any
 import msgspec
 import structlog
 from msgspec import UNSET, Raw
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NotFoundError
 
 from runplane_bus import Bus
 from runplane_proto import subjects
@@ -19,9 +25,11 @@ from runplane_proto.jobs import (
     INLINE_PAYLOAD_LIMIT_BYTES, CancelJob, JobChanged, JobPolicy, JobQueued, JobRecord, WebhookDue,
     is_terminal,
 )
+from runplane_proto.codec import Codec, DecodeError
 from runplane_service.clock import Clock
 from runplane_gateway import metrics
 from runplane_gateway.errors import ApiError
+from runplane_gateway.queue_depth import QueueDepths
 from runplane_gateway.retention import is_gone, timed_out, ttl_expired
 from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.wire import JobCounts, JobView, encoder
@@ -29,8 +37,11 @@ from runplane_gateway.wire import JobCounts, JobView, encoder
 log = structlog.get_logger("runplane.gateway.jobs")
 
 RETRYABLE = frozenset({"FAILED", "TIMED_OUT"})
-# How many records purge-queue changes at once.
-PURGE_CONCURRENCY = 32
+# How many queue messages purge-queue takes (and records it changes) at once.
+PURGE_BATCH = 256
+# A queue message whose record is missing this soon after submission may still get it.
+MISSING_RECORD_GRACE_MS = 10_000
+_queued_codec: Codec[JobQueued] = Codec(JobQueued)
 
 
 class Jobs:
@@ -40,6 +51,12 @@ class Jobs:
         self.clock = clock
         # Endpoints whose consumer is known to take the low-priority queue (checked once).
         self._low_queue_ready: set[str] = set()
+        self.depths = QueueDepths(bus)
+
+    async def check_queue_cap(self, endpoint_id: str) -> None:
+        """429 when the endpoint already has `queue_cap` jobs queued (a copy of the count at
+        most 0.5 s old: no request per submit)."""
+        await self.depths.check(endpoint_id, self.settings.queue_cap)
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -76,6 +93,7 @@ class Jobs:
             await _quietly(self.bus.payloads.delete(input_ref))
             raise ApiError(503, f"could not queue the job: {type(failure).__name__}")
         metrics.JOBS_SUBMITTED.labels("runsync" if sync else "run").inc()
+        self.depths.added(spec.id)
         return record
 
     # -- read ---------------------------------------------------------------------------------
@@ -175,60 +193,107 @@ class Jobs:
             self.bus.publish_durable(subjects.job_queue(spec.id, low_priority=low_priority), queued,
                                      msg_id=f"{job_id}:{new.retries}"),
             self.bus.publish(subjects.job_events(job_id), JobChanged(record=new)),
+            self.bus.count_job_end(new, "retried"),
         )
         if record.output_ref is not None:
             await _quietly(self.bus.payloads.delete(record.output_ref))
         return new
 
     async def purge(self, endpoint_id: str) -> int:
-        """Cancel every queued job of the endpoint (error "purged"); returns how many."""
-        keys = [key async for key, r in self.bus.jobs.items(subjects.endpoint_jobs_filter(endpoint_id))
-                if r.status == "IN_QUEUE"]
-        limit = asyncio.Semaphore(PURGE_CONCURRENCY)
+        """Cancel every job queued on the endpoint (error "purged"); returns how many.
+
+        Takes the messages from the endpoint's consumer as an agent would, a batch at a time,
+        up to the last one queued when the purge began: a queued job's record becomes
+        CANCELLED first and only then is its message acked, so a purge cut short (a killed
+        gateway) loses nothing (the messages it held are redelivered after `ack_wait`).
+        Messages of jobs that ended already (cancelled, expired) are acked too; a job that
+        is not queued (redelivered while its record says it runs) is put back for the agents.
+        """
+        if (await self.depths.read(endpoint_id)).queued == 0:
+            return 0
+        last_seq = (await self.bus.js.stream_info(subjects.STREAM_JOBS)).state.last_seq
+        sub = await self.bus.js.pull_subscribe_bind(consumer=subjects.job_consumer(endpoint_id),
+                                                    stream=subjects.STREAM_JOBS)
         now_ms = self.clock.now_ms()
+        removed = 0
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(PURGE_BATCH, timeout=1.0)
+                except (NatsTimeoutError, asyncio.TimeoutError, NotFoundError):
+                    break
+                results = await asyncio.gather(*(self._purge_message(m, last_seq, now_ms) for m in msgs))
+                removed += results.count("purged")
+                if not any(r in ("purged", "dropped") for r in results):
+                    break  # only jobs queued since, or not ours to purge, are left
+        finally:
+            await _quietly(sub.unsubscribe())
+            self.depths.cleared(endpoint_id)
+        metrics.JOBS_ENDED.labels("CANCELLED", "purge").inc(removed)
+        return removed
+
+    async def _purge_message(self, msg: Msg, last_seq: int, now_ms: int) -> str:
+        """One message taken by purge: "purged", "dropped" (acked, nothing to cancel), or
+        "later" / "back" (nak'ed: queued after the purge began, or not queued)."""
+        if msg.metadata.sequence.stream > last_seq:
+            await msg.nak(delay=1.0)
+            return "later"
+        try:
+            queued = _queued_codec.decode(msg.data)
+        except DecodeError:
+            await msg.term()  # garbage: the agents drop it too
+            return "dropped"
+        key = subjects.job_key(queued.endpoint_id, queued.job_id)
 
         def purged(r: JobRecord) -> JobRecord | None:
             if r.status != "IN_QUEUE":
                 return None
             return msgspec.structs.replace(r, status="CANCELLED", error="purged", completed_at_ms=now_ms)
 
-        async def purge_one(key: str) -> int:
-            async with limit:
-                new, wrote = await self._change(key, purged)
-                if new is None or not wrote:
-                    return 0
-                await self.announce(new, cancel_reason="purged")
-                return 1
-
-        removed = sum(await asyncio.gather(*(purge_one(k) for k in keys)))
-        metrics.JOBS_ENDED.labels("CANCELLED", "purge").inc(removed)
-        return removed
+        try:
+            new, wrote = await self._change(key, purged)
+        except Exception as exc:
+            log.warning("purge could not cancel a job", job_id=queued.job_id, error=repr(exc))
+            await msg.nak(delay=1.0)
+            return "back"
+        if new is None:
+            if abs(now_ms - queued.submitted_at_ms) < MISSING_RECORD_GRACE_MS:
+                await msg.nak(delay=0.5)  # its record may be on its way
+                return "later"
+            await msg.ack()  # a submit that failed half-way: the agents would drop it too
+            return "dropped"
+        if wrote:
+            await self.announce(new)
+            await msg.ack()
+            return "purged"
+        if is_terminal(new.status):
+            await msg.ack()
+            return "dropped"
+        await msg.nak()
+        return "back"
 
     async def count(self, endpoint_id: str) -> JobCounts:
-        """The /health job counts, from the endpoint's records as a client would see them."""
-        counts = JobCounts()
-        now_ms = self.clock.now_ms()
-        async for _, r in self.bus.jobs.items(subjects.endpoint_jobs_filter(endpoint_id)):
-            if self._gone(r, now_ms):
-                continue
-            if r.retries > 0:
-                counts.retried += 1
-            status = "TIMED_OUT" if ttl_expired(r, now_ms) else r.status
-            if status == "IN_QUEUE":
-                counts.inQueue += 1
-            elif status == "IN_PROGRESS":
-                counts.inProgress += 1
-            elif status == "COMPLETED":
-                counts.completed += 1
-            elif status in RETRYABLE:
-                counts.failed += 1
-        return counts
+        """The /health job counts: queued and taken from the endpoint's consumer (one request),
+        completed / failed / retried in the last 30 minutes from the JOBENDS stream's
+        per-subject counts (one request), however many jobs there are."""
+        queue, ends = await asyncio.gather(self.depths.read(endpoint_id), self._ends(endpoint_id))
+        return JobCounts(completed=ends.get("completed", 0), failed=ends.get("failed", 0),
+                         inProgress=queue.taken, inQueue=queue.queued, retried=ends.get("retried", 0))
+
+    async def _ends(self, endpoint_id: str) -> dict[str, int]:
+        try:
+            info = await self.bus.js.stream_info(subjects.STREAM_JOB_ENDS,
+                                                 subjects_filter=subjects.endpoint_job_ends_filter(endpoint_id))
+        except NotFoundError:
+            return {}
+        return {subject.rsplit(".", 1)[-1]: n for subject, n in (info.state.subjects or {}).items()}
 
     async def announce(self, record: JobRecord, *, cancel_reason: str | None = None) -> None:
         """Tell the bus about a change this gateway made: the event, the agent's cancel,
         and the webhook when the job has one and is now terminal."""
         sends: list[Awaitable[Any]] = [
             self.bus.publish(subjects.job_events(record.id), JobChanged(record=record)),
+            self.bus.count_job_end(record),
         ]
         if cancel_reason is not None:
             sends.append(self.bus.publish(subjects.job_cancel(record.endpoint_id), CancelJob(

@@ -155,6 +155,7 @@ class ClientApi:
     async def run(self, request: Request) -> Response:
         spec = await self._endpoint(request)
         with self.limiter.hold(spec.id, "run"):
+            await self.jobs.check_queue_cap(spec.id)
             body = await read_body(request, self.settings.max_body_run_bytes, "run")
             sub = parse_submission(body, spec)
             record = await self.jobs.submit(spec, new_job_id(), input_raw=sub.input_raw, sync=False,
@@ -165,6 +166,7 @@ class ClientApi:
         spec = await self._endpoint(request)
         wait_ms = _wait_ms(request, self.settings.runsync_wait_ms)
         with self.limiter.hold(spec.id, "runsync"):
+            await self.jobs.check_queue_cap(spec.id)
             body = await read_body(request, self.settings.max_body_runsync_bytes, "runsync")
             sub = parse_submission(body, spec)
             job_id = new_job_id(sync=True)

@@ -80,7 +80,9 @@ class Agent:
 
     async def finish(self, job_id: str, status: str = "COMPLETED", **changes: object) -> JobRecord:
         self.clock.advance(1.5)
-        return await self.update(job_id, status=status, completed_at_ms=self.clock.now_ms(), **changes)
+        record = await self.update(job_id, status=status, completed_at_ms=self.clock.now_ms(), **changes)
+        await self.bus.count_job_end(record)  # as the node agent does, for /health
+        return record
 
 
 @pytest.fixture
@@ -106,7 +108,7 @@ async def test_endpoint_crud(stack: Stack) -> None:
     created = resp.json()
     ep = created["id"]
     assert created | {"createdAtMs": 0, "updatedAtMs": 0} == {
-        "id": ep, "name": "echo", "imageName": None, "command": ["python", "h.py"], "env": {"A": "1"},
+        "id": ep, "name": "echo", "imageName": None, "command": ["python", "h.py"], "env": {"A": "***"},
         "workersMin": 0, "workersMax": 2, "idleTimeout": 5, "scalerType": "QUEUE_DELAY", "scalerValue": 4,
         "flashboot": True, "gpuCount": 0, "gpuTypeIds": [], "executionTimeoutMs": 600000,
         "createdAtMs": 0, "updatedAtMs": 0,
@@ -439,12 +441,18 @@ async def test_purge_queue_and_health(stack: Stack) -> None:
     ep = await stack.endpoint()
     other = await stack.endpoint()
     agent = stack.agent(ep)
-    queued = [await stack.run(ep) for _ in range(3)]
     running, done, failed = [await stack.run(ep) for _ in range(3)]
+    taken = {}
+    for _ in range(3):  # /health counts from the queue: taken messages are in progress
+        queued_msg, msg = await agent.take()
+        taken[queued_msg.job_id] = msg
+    queued = [await stack.run(ep) for _ in range(3)]
     for job in (running, done, failed):
         await agent.start(job)
     await agent.finish(done)
     await agent.finish(failed, status="FAILED", error="x")
+    for job in (done, failed):
+        await taken[job].ack_sync()
     await stack.run(other)
     now = stack.clock.now_ms()
     await stack.bus.nodes.put("n1", NodeStatus(node_id="n1", hostname="h", runtime="process",
