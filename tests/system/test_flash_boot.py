@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -59,6 +60,48 @@ def test_an_idle_flash_endpoint_parks_its_worker_and_the_next_job_wakes_it():
         assert second["output"]["input"] == {"n": 2}
         wait_until(lambda: _parked(watch, ep) or None, timeout_s=30, what="parked again")
         assert watch.peak(ep) == 1  # never more than workersMax, parked ones included in the pool
+
+
+def test_prewarmed_workers_are_kept_at_zero_and_the_first_job_wakes_one():
+    with Cluster(nodes=1, env=dict(FAST_ENV, RP_PARK_MEMORY_MB="2048")) as cluster, \
+            NodeWatch(cluster.nats.url) as watch:
+        ep = _flash_endpoint(cluster, "prewarmsys", workersMax=2, prewarmWorkers=1, env={"INIT_S": "1"})
+        # No job yet: one worker is started, initialised and parked; none is an active worker.
+        [prewarmed] = wait_until(lambda: [w for w in _parked(watch, ep) if w.jobs == []] or None,
+                                 timeout_s=30, what="a pre-warmed worker parked")
+        wait_until(lambda: _paused_and_admitted(watch, prewarmed.worker_id), timeout_s=30,
+                   what="the pre-warmed worker admitted to the pool")
+        assert watch.peak(ep) == 0
+        with cluster.client() as http:
+            view = http.get(f"/v1/endpoints/{ep}").json()
+        assert view["prewarmWorkers"] == 1
+
+        # The first job is run by that worker, woken from the pool: no cold start.
+        first = _runsync(cluster, ep, {"n": 1})
+        assert first["workerId"] == prewarmed.worker_id and first["output"]["init_s"] >= 1
+        # Back to zero: parked again, and no second worker was ever started.
+        wait_until(lambda: _parked(watch, ep) or None, timeout_s=30, what="parked again")
+        assert watch.ids_seen(ep) == {prewarmed.worker_id}
+
+
+def test_a_prewarm_that_does_not_fit_the_pool_is_not_retried_in_a_loop():
+    # A 1 MB pool: the first pre-warmed worker (some 60 MB) is stopped once its size is known;
+    # later pre-warms are refused at once and the endpoint is held back, not started again.
+    with Cluster(nodes=1, env=dict(FAST_ENV, RP_PARK_MEMORY_MB="1", RP_NODE_BACKOFF_S="1")) as cluster, \
+            NodeWatch(cluster.nats.url) as watch:
+        ep = _flash_endpoint(cluster, "prewarmfull", prewarmWorkers=1, env={"HOLD_MB": "40"})
+        wait_until(lambda: watch.ids_seen(ep) or None, timeout_s=30, what="the first pre-warm started")
+        wait_until(lambda: not watch.workers(ep, parked=True), timeout_s=30, what="it was stopped")
+        time.sleep(6)  # several back-off periods and scheduler rounds
+        assert len(watch.ids_seen(ep)) == 1, watch.ids_seen(ep)
+        assert "cannot pre-warm here: the parking pool has" in cluster.logs()
+        # The endpoint itself still works (a cold start).
+        assert _runsync(cluster, ep, {"n": 1})["output"]["input"] == {"n": 1}
+
+
+def _paused_and_admitted(watch: NodeWatch, worker_id: str) -> bool:
+    return any(status.parked_mb > 0 and any(w.worker_id == worker_id for w in status.workers)
+               for status in watch.nodes().values())
 
 
 def test_parked_gpu_workers_hold_their_gpu_until_another_endpoint_needs_it(tmp_path):
