@@ -1,7 +1,9 @@
 """The janitor: time out queued jobs past their TTL, delete records past their retention.
 
 The rules are pure (`janitor_rules`); this module only reads the records and applies
-the effects, each one idempotent and guarded by compare-and-set.
+the effects, each one idempotent and guarded by compare-and-set. A sweep reads the bucket a
+page at a time and acts on each page before reading the next, so its memory is one page
+however many jobs there are; its time is O(records) (there is no index by expiry).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from nats.js.kv import KeyValue
 from runplane_bus import Bus
 from runplane_proto import subjects
 from runplane_proto.jobs import CancelJob, JobChanged, JobRecord, WebhookDue
-from runplane_scheduler.janitor_rules import Retention, payload_refs, retention_over, sweep, timed_out
+from runplane_scheduler.janitor_rules import Retention, Sweep, payload_refs, retention_over, sweep, timed_out
 from runplane_scheduler.metrics import ERRORS, JANITOR_DELETED, JANITOR_EXPIRED, JANITOR_SWEEPS
 from runplane_service.clock import Clock
 
@@ -39,8 +41,9 @@ async def delete_at_revision(kv: KeyValue, key: str, revision: int) -> bool:
 class Janitor:
     def __init__(self, bus: Bus, retention: Retention, *, interval_s: float = 5.0,
                  purge_deletes_every_s: float = 600.0, clock: Clock | None = None,
-                 is_leader: Callable[[], bool] = lambda: True) -> None:
+                 is_leader: Callable[[], bool] = lambda: True, page_size: int = 1000) -> None:
         self.bus = bus
+        self.page_size = page_size
         self.is_leader = is_leader
         self.retention = retention
         self.interval_s = interval_s
@@ -72,11 +75,17 @@ class Janitor:
                 await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
 
     async def sweep_once(self) -> tuple[int, int]:
-        """One pass; returns (jobs timed out, records deleted) by this pass."""
+        """One pass over every record, page by page; returns (jobs timed out, records deleted)."""
         now_ms = self.clock.now_ms()
-        records = [(key, record) async for key, record in self.bus.jobs.items()]
-        plan = sweep(records, now_ms, self.retention)
+        expired = deleted = 0
+        async for page in self.bus.jobs.pages(page_size=self.page_size):
+            page_expired, page_deleted = await self._apply(sweep(page, now_ms, self.retention), now_ms)
+            expired += page_expired
+            deleted += page_deleted
         JANITOR_SWEEPS.inc()
+        return expired, deleted
+
+    async def _apply(self, plan: Sweep, now_ms: int) -> tuple[int, int]:
         expired = deleted = 0
         for key in plan.expire:
             try:
@@ -109,6 +118,7 @@ class Janitor:
         log.info("job timed out in queue", job_id=record.id, endpoint_id=record.endpoint_id,
                  ttl_ms=record.policy.ttl_ms)
         await self.bus.publish(subjects.job_events(record.id), JobChanged(record=record))
+        await self.bus.count_job_end(record)
         if record.webhook:
             await self.bus.publish_durable(subjects.webhook_due(record.endpoint_id),
                                            WebhookDue(job_id=record.id, endpoint_id=record.endpoint_id),
