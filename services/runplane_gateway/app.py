@@ -19,7 +19,9 @@ from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.chunks import ChunkReader
 from runplane_gateway.errors import EXCEPTION_HANDLERS, error_response, json_response
 from runplane_gateway.jobs import Jobs
-from runplane_gateway.limits import RateLimiter
+from runplane_gateway.keys import KeyRing
+from runplane_gateway.keys_api import KeysApi
+from runplane_gateway.limits import RateLimiter, RunningWorkers
 from runplane_gateway.metrics import MetricsMiddleware
 from runplane_gateway.routes_v1 import ManagementApi
 from runplane_gateway.routes_v2 import ClientApi
@@ -38,6 +40,8 @@ class Gateway:
     jobs: Jobs
     webhooks: WebhookSender | None
     app: Starlette
+    keys: KeyRing
+    running_workers: RunningWorkers
 
     @classmethod
     async def start(cls, bus: Bus, settings: GatewaySettings, *, clock: Clock | None = None,
@@ -47,23 +51,32 @@ class Gateway:
         await catalog.start()
         jobs = Jobs(bus, settings, clock)
         chunks = await ChunkReader.open(bus)
-        limiter = RateLimiter(enabled=settings.rate_limits)
+        keys = await KeyRing(bus, settings.api_key).start()
+        workers = RunningWorkers(bus, now_ms=clock.now_ms, node_loss_timeout_s=settings.node_loss_timeout_s)
+        limiter = RateLimiter(enabled=settings.rate_limits, running_workers=workers)
         client = ClientApi(bus, catalog, jobs, chunks, limiter, settings, clock)
         management = ManagementApi(bus, catalog, jobs, settings, clock)
         sender = None
         if webhooks:
             sender = WebhookSender(bus, jobs, settings)
             await sender.start()
-        app = build_app(bus, settings, client, management)
-        return cls(bus=bus, settings=settings, catalog=catalog, jobs=jobs, webhooks=sender, app=app)
+        app = build_app(bus, settings, client, management, keys)
+        return cls(bus=bus, settings=settings, catalog=catalog, jobs=jobs, webhooks=sender, app=app,
+                   keys=keys, running_workers=workers)
 
     async def stop(self) -> None:
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.catalog.stop()
+        await self.keys.stop()
+        await self.running_workers.stop()
 
 
-def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management: ManagementApi) -> Starlette:
+def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management: ManagementApi,
+              keys: KeyRing | None = None) -> Starlette:
+    keys = keys or KeyRing(bus, settings.api_key)  # not started: the bootstrap key only
+    keys_api = KeysApi(keys, management.clock)
+
     async def healthz(_: Request) -> Response:
         if not bus.nc.is_connected:
             return error_response(503, "not connected to NATS")
@@ -75,6 +88,7 @@ def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management
     routes = [
         *client.routes(),
         *management.routes(),
+        *keys_api.routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         *dashboard.routes(),
@@ -87,7 +101,7 @@ def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management
     spec = encoder.encode(openapi.document(routes))  # every route, this one included
     middleware = [
         Middleware(MetricsMiddleware),
-        Middleware(AuthMiddleware, api_key=settings.api_key),
+        Middleware(AuthMiddleware, keys=keys),
     ]
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={**EXCEPTION_HANDLERS, Conflict: on_conflict})

@@ -1,16 +1,21 @@
-"""API-key auth as a plain ASGI middleware: `Authorization: Bearer <key>` or the bare key."""
+"""API-key auth as a plain ASGI middleware: `Authorization: Bearer <key>` or the bare key.
+
+An unknown, revoked or missing key is refused with 401; a known key asking for something
+outside its scope (another endpoint, key management with an endpoint key) with 403 naming
+what it may not do. The caller's `Access` is left in `request.state.access` for the routes
+(the endpoint list shows an endpoint key only its endpoints)."""
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from runplane_gateway.keys import STATE_KEY, KeyRing, refusal
 from runplane_gateway.wire import ErrorBody, encoder
 
-# Paths under these prefixes need the key; /metrics and /healthz do not.
+# Paths under these prefixes need a key; /metrics and /healthz do not.
 PROTECTED_PREFIXES = ("/v1/", "/v2/")
-_UNAUTHORIZED = encoder.encode(ErrorBody(error="missing or invalid API key in the Authorization header"))
+_UNAUTHORIZED = encoder.encode(ErrorBody(
+    error="missing, unknown or revoked API key in the Authorization header"))
 
 
 def presented_key(header: bytes) -> bytes:
@@ -22,25 +27,35 @@ def presented_key(header: bytes) -> bytes:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, *, keys: KeyRing) -> None:
         self.app = app
-        self.key = api_key.encode()
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _protected(scope["path"]):
             await self.app(scope, receive, send)
             return
+        access = None
         for name, value in scope["headers"]:
             if name == b"authorization":
-                if hmac.compare_digest(presented_key(value), self.key):
-                    await self.app(scope, receive, send)
-                    return
+                access = self.keys.check(presented_key(value))
                 break
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(_UNAUTHORIZED)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]})
-        await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+        if access is None:
+            await _refuse(send, 401, _UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])
+            return
+        problem = refusal(access, scope["method"], scope["path"])
+        if problem is not None:
+            await _refuse(send, 403, encoder.encode(ErrorBody(error=problem)), [])
+            return
+        scope = {**scope, "state": {**scope.get("state", {}), STATE_KEY: access}}
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers,
+    ]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _protected(path: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import msgspec
 from starlette.routing import Route
 
-from runplane_gateway import wire
+from runplane_gateway import keys_api, wire
 
 
 # An http(s) URL with a host, or "" for none (what /run checks).
@@ -87,6 +87,15 @@ OPS: dict[tuple[str, str], Op] = {
                 "at most this many lines (default 200, at most 1000)"))),
     ("/v1/nodes", "get"): Op("Nodes: inventory, GPUs free or held and by whom, workers", "fleet",
                              list[wire.NodeView]),
+    ("/v1/keys", "post"): Op(
+        "Create an API key (admin keys only); the answer holds its secret, shown only this once", "keys",
+        keys_api.KeyCreated, keys_api.KeyCreate, status=201),
+    ("/v1/keys", "get"): Op("Every API key, without secrets (admin keys only)", "keys",
+                            list[keys_api.KeyView]),
+    ("/v1/keys/{key_id}", "get"): Op("One API key, without its secret (admin keys only)", "keys",
+                                     keys_api.KeyView),
+    ("/v1/keys/{key_id}", "delete"): Op("Revoke an API key: refused (401) on every replica within moments",
+                                        "keys", wire.Deleted),
     ("/healthz", "get"): Op("Liveness (connected to NATS)", "service", auth=False),
     ("/metrics", "get"): Op("Prometheus metrics", "service", auth=False, media_type="text/plain"),
     ("/openapi.json", "get"): Op("This document", "service", auth=False),
@@ -100,7 +109,9 @@ OPS: dict[tuple[str, str], Op] = {
 }
 
 _REF = "#/components/schemas/{name}"
-_ERRORS = {"400": "Bad request", "401": "Missing or wrong API key", "404": "Unknown endpoint or job",
+_ERRORS = {"400": "Bad request", "401": "Missing, unknown or revoked API key",
+           "403": "The API key may not do this (another endpoint's, or an admin's task)",
+           "404": "Unknown endpoint, job or API key",
            "429": "Over a rate limit", "503": "The message bus is unavailable"}
 
 
@@ -154,7 +165,8 @@ def document(routes: list[Route]) -> dict[str, Any]:
             "schemas": components,
             "securitySchemes": {"apiKey": {
                 "type": "http", "scheme": "bearer",
-                "description": "The admin API key (the bare key is accepted too)"}},
+                "description": "An API key: the bootstrap admin key RP_API_KEY or one made with "
+                               "POST /v1/keys (the bare key is accepted too)"}},
         },
         "security": [{"apiKey": []}],
     }

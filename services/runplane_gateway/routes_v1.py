@@ -18,6 +18,7 @@ from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.errors import ApiError, json_response
 from runplane_gateway.job_list import MAX_LIMIT as MAX_JOBS, recent_jobs
 from runplane_gateway.jobs import Jobs
+from runplane_gateway.keys import access_in
 from runplane_gateway.limits import read_body
 from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.wire import Deleted, encoder
@@ -60,8 +61,9 @@ class ManagementApi:
         log.info("endpoint created", endpoint_id=spec.id, name=spec.name)
         return json_response(specs.view_bytes(spec), 201)
 
-    async def list_endpoints(self, _: Request) -> Response:
-        found = [spec async for _, spec in self.bus.endpoints.items()]
+    async def list_endpoints(self, request: Request) -> Response:
+        access = access_in(request)  # an endpoint key sees only its endpoints
+        found = [spec async for _, spec in self.bus.endpoints.items() if access.may_use(spec.id)]
         found.sort(key=lambda s: (s.created_at_ms, s.id))
         return json_response(encoder.encode([specs.view(s) for s in found]))
 

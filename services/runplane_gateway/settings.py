@@ -29,8 +29,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait_s: float = 30.0
     max_body_run_bytes: int = 10 * MB
     max_body_runsync_bytes: int = 20 * MB
-    # RunPod's per-endpoint request limits (429 beyond them); off unless asked for.
-    rate_limits: bool = False
+    # RunPod's per-endpoint request limits (429 beyond them); RP_RATE_LIMITS=0 turns them off.
+    rate_limits: bool = True
     # Node status older than this is a lost node: its workers are not counted in /health.
     node_loss_timeout_s: float = 10.0
     # Jobs an endpoint may have queued (not yet taken) before /run and /runsync answer 429
@@ -76,7 +76,7 @@ def load_settings() -> GatewaySettings:
         ack_wait_s=env_float("RP_ACK_WAIT_S", 30.0),
         max_body_run_bytes=env_int("RP_MAX_BODY_RUN_BYTES", 10 * MB),
         max_body_runsync_bytes=env_int("RP_MAX_BODY_RUNSYNC_BYTES", 20 * MB),
-        rate_limits=env_bool("RP_RATE_LIMITS", False),
+        rate_limits=env_bool("RP_RATE_LIMITS", True),
         node_loss_timeout_s=env_float("RP_NODE_LOSS_TIMEOUT_S", 10.0),
         queue_cap=_queue_cap(),
     )

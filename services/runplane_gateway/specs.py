@@ -1,4 +1,9 @@
-"""Endpoint specs from the management API's JSON (RunPod's field names) and back."""
+"""Endpoint specs from the management API's JSON (RunPod's field names) and back.
+
+`env` values may be secrets (tokens, passwords): every answer shows them as `ENV_MASK`, and
+workers get the real values (they read the spec from KV). A PATCH whose `env` gives
+`ENV_MASK` for a variable keeps that variable's stored value, so an answer can be edited and
+sent back."""
 
 from __future__ import annotations
 
@@ -24,9 +29,15 @@ _SPEC_FIELDS = {
 }
 assert set(_SPEC_FIELDS) == ENDPOINT_FIELDS
 
+ENV_MASK = "***"
+
 
 def spec_from_create(body: bytes, endpoint_id: str, now_ms: int) -> EndpointSpec:
     create = _decode(body, _create_decoder)
+    masked = sorted(name for name, value in create.env.items() if value == ENV_MASK)
+    if masked:
+        raise ApiError(400, f"env: {masked[0][:64]} is {ENV_MASK!r}, what answers show in place of values; "
+                            "give the real value")
     spec = EndpointSpec(
         id=endpoint_id, created_at_ms=now_ms, updated_at_ms=now_ms,
         **{spec_name: getattr(create, wire_name) for wire_name, spec_name in _SPEC_FIELDS.items()},
@@ -38,14 +49,29 @@ def spec_with_patch(spec: EndpointSpec, body: bytes, now_ms: int) -> EndpointSpe
     patch = _decode(body, _patch_decoder)
     changes = {spec_name: value for wire_name, spec_name in _SPEC_FIELDS.items()
                if (value := getattr(patch, wire_name)) is not UNSET}
+    if "env" in changes:
+        changes["env"] = env_with_masks_kept(spec.env, changes["env"])
     return _checked(msgspec.structs.replace(spec, updated_at_ms=now_ms, **changes))
 
 
+def env_with_masks_kept(stored: dict[str, str], given: dict[str, str]) -> dict[str, str]:
+    """The new env of a PATCH: a variable given as the mask keeps its stored value."""
+    env = {}
+    for name, value in given.items():
+        if value == ENV_MASK:
+            if name not in stored:
+                raise ApiError(400, f"env: {name[:64]} is {ENV_MASK!r} (keep the stored value) but has no "
+                                    "stored value; give the real value")
+            value = stored[name]
+        env[name] = value
+    return env
+
+
 def view(spec: EndpointSpec) -> EndpointView:
-    return EndpointView(
-        id=spec.id, createdAtMs=spec.created_at_ms, updatedAtMs=spec.updated_at_ms,
-        **{wire_name: getattr(spec, spec_name) for wire_name, spec_name in _SPEC_FIELDS.items()},
-    )
+    """What answers show: every field, `env` values masked."""
+    fields = {wire_name: getattr(spec, spec_name) for wire_name, spec_name in _SPEC_FIELDS.items()}
+    fields["env"] = dict.fromkeys(spec.env, ENV_MASK)
+    return EndpointView(id=spec.id, createdAtMs=spec.created_at_ms, updatedAtMs=spec.updated_at_ms, **fields)
 
 
 def view_bytes(spec: EndpointSpec) -> bytes:
