@@ -56,7 +56,8 @@ def test_endpoint_create_list_get_update_delete(cluster, tmp_path):
     created = as_json(cluster, "endpoint", "create", "-f", str(spec), "--env", "B=2", "--gpu-count", "1",
                       "--gpu-type", "H100", "--no-flashboot")
     assert created["name"] == "cli-yaml" and created["imageName"] == "example/worker:1"
-    assert created["env"] == {"A": "1", "B": "2"} and created["gpuTypeIds"] == ["H100"]
+    # env values are masked in answers (they may be secrets); workers get the real ones.
+    assert created["env"] == {"A": "***", "B": "***"} and created["gpuTypeIds"] == ["H100"]
     assert created["flashboot"] is False and created["workersMin"] == 0
     listed = as_json(cluster, "endpoint", "list")
     assert created["id"] in [ep["id"] for ep in listed]
@@ -67,7 +68,7 @@ def test_endpoint_create_list_get_update_delete(cluster, tmp_path):
     updated = as_json(cluster, "endpoint", "update", created["id"], "--workers-max", "4", "--scaler-type",
                       "REQUEST_COUNT")
     assert updated["workersMax"] == 4 and updated["scalerType"] == "REQUEST_COUNT"
-    assert updated["env"] == {"A": "1", "B": "2"}  # unchanged fields stay
+    assert updated["env"] == {"A": "***", "B": "***"}  # unchanged fields stay
     bad = runplane(cluster, "endpoint", "update", created["id"], "--workers-min", "9", ok=False)
     assert bad.returncode == 1 and "workersMin must be <= workersMax" in bad.stderr
     runplane(cluster, "endpoint", "delete", "cli-yaml")
