@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = {"dispatch": "bench.dispatch", "scale": "bench.scale", "coldstart": "bench.coldstart"}
+BENCHES = {"dispatch": "bench.dispatch", "scale": "bench.scale", "coldstart": "bench.coldstart",
+           "chaos": "bench.chaos"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

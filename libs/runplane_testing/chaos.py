@@ -242,3 +242,46 @@ def _executions(path: Path) -> Counter[str]:
     if not path.exists():
         return Counter()
     return Counter(line.split()[0] for line in path.read_text().splitlines() if line.strip())
+
+
+def figures(result: CampaignResult) -> dict[str, float]:
+    """The campaign's figures by name (what the test prints and the benchmark tabulates)."""
+    from statistics import quantiles
+
+    def pct(samples: list[float], p: int) -> float:
+        if not samples:
+            return float("nan")
+        if len(samples) == 1:
+            return samples[0]
+        return quantiles(samples, n=100, method="inclusive")[p - 1]
+
+    r = result.report
+    out: dict[str, float] = {
+        "submitted": r.submitted, "no answer (retried)": r.maybe_accepted,
+        "accepted unheard": r.found_unacknowledged, "completed": r.completed,
+        "cancelled": r.cancelled, "timed out": r.timed_out, "executed twice": r.executed_twice,
+        "lost": len(r.lost), "wrong output": len(r.wrong_output), "no reason": len(r.no_reason),
+        "unexplained executions": len(r.unexplained_executions),
+    }
+    for name, n in sorted(r.failed_by_cause.items()):
+        out[f"failed: {name}"] = n
+    for refusal, n in sorted(result.load.refused.items()):
+        out[f"refused: {refusal}"] = n
+    for kind, n in sorted(Counter(k.kind for k in result.kills).items()):
+        out[f"kills: {kind}"] = n
+    for phase in ("floor", "chaos"):
+        samples = r.latency_ms.get(phase, [])
+        if samples:
+            out[f"{phase} jobs completed"] = len(samples)
+            out[f"{phase} latency p50 ms"] = pct(samples, 50)
+            out[f"{phase} latency p99 ms"] = pct(samples, 99)
+    if "floor latency p99 ms" in out and "chaos latency p99 ms" in out:
+        out["chaos/floor p99 ratio"] = out["chaos latency p99 ms"] / out["floor latency p99 ms"]
+    out["drain s"] = result.drained_s
+    return out
+
+
+def table(values: dict[str, float]) -> str:
+    width = max(len(k) for k in values)
+    return "\n".join(f"{k.ljust(width)}  {v:,.1f}" if isinstance(v, float) else f"{k.ljust(width)}  {v}"
+                     for k, v in values.items())
