@@ -120,7 +120,7 @@ async def start_agent(settings: AgentSettings, stack: contextlib.AsyncExitStack,
     await worker_logs.serve(bus)
     await status.write()  # visible to the scheduler before the first heartbeat
     status_task = asyncio.ensure_future(status.run())
-    housekeeping_task = asyncio.ensure_future(_housekeeping(jobs, supervisor))
+    housekeeping_task = asyncio.ensure_future(_housekeeping(jobs, supervisor, bus, settings))
     log.info("node agent ready", node_id=settings.node_id, url=supervisor.base_url, runtime=runtime.name,
              gpus=len(status.gpus.gpus), park_memory_mb=flash.budget_mb)
     return NodeAgent(settings, bus, supervisor, jobs, status, server, http_stop, supervisor.base_url,
@@ -132,9 +132,10 @@ async def _endpoint_spec(bus: Bus, endpoint_id: str) -> EndpointSpec | None:
     return entry.value if entry is not None else None
 
 
-async def _housekeeping(jobs: Jobs, supervisor: Supervisor) -> None:
-    """Timeouts, keep-alives, stop grace periods, silent workers, unused pulls. Never dies."""
-    swept_at = time.monotonic()
+async def _housekeeping(jobs: Jobs, supervisor: Supervisor, bus: Bus, settings: AgentSettings) -> None:
+    """Timeouts, keep-alives, stop grace periods, silent workers, unused pulls, snapshots of
+    deleted endpoints. Never dies."""
+    swept_at = collected_at = time.monotonic()
     while True:
         now = time.monotonic()
         try:
@@ -143,6 +144,9 @@ async def _housekeeping(jobs: Jobs, supervisor: Supervisor) -> None:
             if now - swept_at > _SWEEP_S:
                 swept_at = now
                 await jobs.forget_idle_endpoints()
+            if now - collected_at > settings.snapshot_gc_s:
+                collected_at = now
+                await supervisor.flash.collect_snapshots(set(await bus.endpoints.keys()))
         except Exception as exc:
             metrics.LOOP_ERRORS.labels(loop="housekeeping").inc()
             log.error("housekeeping failed", error=repr(exc))

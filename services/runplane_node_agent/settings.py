@@ -47,6 +47,8 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Commit an initialised worker of a flash endpoint into a per-node snapshot image that
     # later cold starts of the endpoint on this node start from (runtimes that can).
     snapshots: bool = True
+    # How often snapshot images of endpoints that no longer exist are removed.
+    snapshot_gc_s: float = 300.0
 
     @property
     def keepalive_s(self) -> float:
@@ -97,6 +99,7 @@ def from_env() -> AgentSettings:
         flash_pause_s=env_float("RP_FLASH_PAUSE_S", 1.0),
         park_memory_mb=env_opt_int("RP_PARK_MEMORY_MB"),
         snapshots=env_bool("RP_SNAPSHOTS", True),
+        snapshot_gc_s=env_float("RP_SNAPSHOT_GC_S", 300.0),
     )
     check(settings)
     return settings

@@ -14,7 +14,7 @@ from tests.docker.conftest import WORKER_IMAGE, containers, docker, run_sync
 pytestmark = pytest.mark.docker
 
 # One ~100 MB worker fits in the pool, two do not.
-NODE_ENV = {"RP_PARK_MEMORY_MB": "200"}
+NODE_ENV = {"RP_PARK_MEMORY_MB": "200", "RP_SNAPSHOT_GC_S": "1"}
 HANDLER = (ROOT / "examples/flash/handler.py").read_text()
 MARKER = "/var/cache/flash-test/initialised"
 
@@ -81,6 +81,12 @@ def test_a_cold_start_from_the_snapshot_skips_what_initialisation_wrote(cluster,
     assert started["Config"]["Image"].startswith("runplane-snapshot:")
     env = dict(e.split("=", 1) for e in started["Config"]["Env"])
     assert env["RUNPOD_POD_ID"] == second["workerId"] and env["RUNPOD_AI_API_KEY"]  # its own, not the snapshot's
+
+    # Deleting the endpoint removes its snapshot too, once no container uses it (RP_SNAPSHOT_GC_S).
+    with cluster.client() as http:
+        assert http.delete(f"/v1/endpoints/{ep}").status_code == 200
+    wait_until(lambda: not docker("images", "-q", "--filter", f"label=runplane.endpoint_id={ep}").split(),
+               timeout_s=60, what="the deleted endpoint's snapshot removed")
 
 
 def test_the_pool_keeps_within_its_memory_budget_least_recently_used_evicted(cluster, watch):

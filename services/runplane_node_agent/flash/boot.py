@@ -275,6 +275,16 @@ class FlashBoot:
         finally:
             self._snapshots_committing.discard(snapshot)
 
+    async def collect_snapshots(self, endpoint_ids: set[str]) -> None:
+        """Remove the snapshot images of endpoints not in `endpoint_ids` (deleted ones)."""
+        if not self.can_snapshot:
+            return
+        for endpoint_id in sorted(await self.runtime.snapshot_endpoints() - endpoint_ids):
+            removed = await self.runtime.remove_snapshots(endpoint_id)
+            self._snapshots_known = {s for s in self._snapshots_known if s.endpoint_id != endpoint_id}
+            log.info("snapshots of a deleted endpoint removed", endpoint_id=endpoint_id, images=removed)
+            metrics.FLASH_SNAPSHOTS.labels(result="removed").inc(removed)
+
     # -- tasks --------------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -120,6 +120,14 @@ class Runtime(abc.ABC):
         """Save the worker's filesystem as the snapshot image `snapshot` names."""
         raise NotSupported(f"{self.name} runtime cannot snapshot workers")
 
+    async def snapshot_endpoints(self) -> set[str]:
+        """Endpoints with snapshot images on this node."""
+        return set()
+
+    async def remove_snapshots(self, endpoint_id: str) -> int:
+        """Remove the endpoint's snapshot images on this node (those in use stay); how many went."""
+        return 0
+
     async def find_snapshot(self, snapshot: Snapshot) -> str | None:
         """The image to start `snapshot`'s endpoint from on this node, None when there is none."""
         return None

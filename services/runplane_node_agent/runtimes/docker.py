@@ -356,6 +356,30 @@ class DockerRuntime(Runtime):
                     with contextlib.suppress(*_ENGINE_ERRORS):  # in use: left for a later commit
                         await self.docker.images.delete(image["Id"], force=False)
 
+    async def _snapshot_images(self, endpoint_id: str | None = None) -> list[dict]:
+        assert self.docker is not None
+        labels = [f"{LABEL_NODE}={self.node_id}"]
+        if endpoint_id is not None:
+            labels.append(f"{LABEL_ENDPOINT}={endpoint_id}")
+        try:
+            return await self.docker.images.list(
+                filters={"label": labels, "reference": [SNAPSHOT_REPOSITORY]})
+        except _ENGINE_ERRORS as exc:
+            raise RuntimeFailure(f"cannot list snapshot images: {exc!r}") from exc
+
+    async def snapshot_endpoints(self) -> set[str]:
+        images = await self._snapshot_images()
+        return {(image.get("Labels") or {}).get(LABEL_ENDPOINT, "") for image in images} - {""}
+
+    async def remove_snapshots(self, endpoint_id: str) -> int:
+        assert self.docker is not None
+        removed = 0
+        for image in await self._snapshot_images(endpoint_id):
+            with contextlib.suppress(*_ENGINE_ERRORS):  # in use by a container: a later round
+                await self.docker.images.delete(image["Id"], force=False)
+                removed += 1
+        return removed
+
     async def find_snapshot(self, snapshot: Snapshot) -> str | None:
         assert self.docker is not None
         ref = self.snapshot_ref(snapshot)
