@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import msgspec
@@ -32,3 +33,11 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     prewarm_workers: int = 0
     created_at_ms: int = 0
     updated_at_ms: int = 0
+
+
+def launch_key(spec: EndpointSpec) -> str:
+    """What a worker of `spec` is: its image, command, env and GPUs. Workers started with
+    another key are of another version of the endpoint (scaling fields do not count)."""
+    made_of = msgspec.msgpack.encode([spec.image_name, spec.command, sorted(spec.env.items()),
+                                      spec.gpu_count, spec.gpu_type_ids])
+    return hashlib.sha256(made_of).hexdigest()[:16]

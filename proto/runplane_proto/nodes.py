@@ -34,6 +34,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     gpu_uuids: list[str] = []
     # Those of `jobs` submitted with `policy.lowPriority` (the autoscaler counts them apart).
     low_priority_jobs: list[JobId] = []
+    # `launch_key` of the spec the worker runs ("" from older agents).
+    launch_key: str = ""
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import urlencode
 
 import structlog
-from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.endpoints import EndpointSpec, launch_key
 from runplane_proto.nodes import CommandReply, StartWorker, StopWorker, WorkerInfo, WorkerState
 from runplane_service.clock import Clock
 
@@ -46,6 +46,7 @@ class Worker:
         self.worker_id: str = cmd.worker_id
         self.endpoint_id: str = cmd.spec.id
         self.spec: EndpointSpec = cmd.spec
+        self.launch_key = launch_key(cmd.spec)
         self.gpu_uuids: tuple[str, ...] = tuple(cmd.gpu_uuids)
         self.token = ""
         self.generation = 0
@@ -92,7 +93,8 @@ class Worker:
         return WorkerInfo(worker_id=self.worker_id, endpoint_id=self.endpoint_id, state=self.state,
                           started_at_ms=self.started_at_ms, idle_since_ms=self.idle_since_ms,
                           jobs=sorted(self.jobs), gpu_uuids=list(self.gpu_uuids),
-                          low_priority_jobs=sorted(self.low_priority_jobs & self.jobs))
+                          low_priority_jobs=sorted(self.low_priority_jobs & self.jobs),
+                          launch_key=self.launch_key)
 
 
 # Called after a worker's process ended, with why; releases the jobs it held.
@@ -185,6 +187,7 @@ class Supervisor:
     async def _unpark(self, worker: Worker, cmd: StartWorker) -> None:
         changed = spec_digest(cmd.spec) != spec_digest(worker.spec)
         worker.spec = cmd.spec
+        worker.launch_key = launch_key(cmd.spec)
         await self.flash.unpark(worker)
         if changed:  # the endpoint changed while it was parked: a fresh process of the new spec
             self.recycle(worker.worker_id, "its endpoint changed while it was parked")

@@ -26,8 +26,8 @@ a node that can take it) before any cold start. When no free GPU fits anywhere, 
 only by a parked worker of another endpoint may be given to a new worker (the node evicts
 the parked worker first), fewest evictions first. An endpoint's parked workers are evicted
 (a stop without `park`), least recently used first, beyond `workersMax` live and parked
-together (a parked worker wakes by itself for a job), when the endpoint changed after they
-started, or when it is deleted.
+together (a parked worker wakes by itself for a job), when the endpoint's image, command,
+env or GPUs changed after they started (`launch_key`), or when it is deleted.
 
 Pre-warm: a flash endpoint whose scale target asks for `prewarm_workers` keeps that many
 live and parked together, whatever its worker count (zero included): the missing ones are
@@ -48,7 +48,7 @@ from typing import Any
 
 import msgspec
 
-from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.endpoints import EndpointSpec, launch_key
 from runplane_proto.ids import new_worker_id
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
@@ -545,6 +545,14 @@ def _resumable(spec: EndpointSpec, parked: Live, use: dict[str, NodeUse], *, wor
     return spec.gpu_count > 0 or u.workers < u.slots(workers_per_cpu)
 
 
+def _outdated(spec: EndpointSpec, info: WorkerInfo) -> bool:
+    """A parked worker of another version of the endpoint (image, command, env or GPUs; a
+    change of scaling fields alone keeps it). Older agents report no key: any change then."""
+    if info.launch_key:
+        return info.launch_key != launch_key(spec)
+    return spec.updated_at_ms > info.started_at_ms
+
+
 def _idle_first(workers: list[Live]) -> list[Live]:
     """Stoppable workers (idle, holding no job), longest idle first."""
     idle = [w for w in workers if w.info is not None and w.info.state == "idle" and not w.info.jobs]
@@ -581,7 +589,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
             surplus, why = len(workers) - want, f"surplus: {len(workers)} workers, {want} wanted"
             pool = []
             for p in parked.get(endpoint_id, []):
-                if spec.updated_at_ms > p.info.started_at_ms:  # type: ignore[union-attr]
+                if _outdated(spec, p.info):  # type: ignore[arg-type]
                     commands.append(_evict(p, endpoint_id, "endpoint changed since it started", use))
                     touched = True
                 else:

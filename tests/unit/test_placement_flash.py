@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runplane_proto.endpoints import launch_key
 from runplane_proto.nodes import GpuInfo, StartWorker, StopWorker, WorkerInfo
 from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snapshot
 from runplane_scheduler.placement import desired_workers, ledger, live_workers, place
@@ -90,6 +92,21 @@ def test_parked_workers_of_a_deleted_or_changed_endpoint_are_evicted():
                                  parked("fresh", started_ms=NOW - 1_000)])]
     plan = place(snap(nodes, [ep(updated_at_ms=NOW - 5_000, workers_max=5)]), NOW, ids())
     assert sorted(stops(plan)) == [("gone", False), ("stale", False)]
+
+
+def test_parked_workers_reporting_a_launch_key_are_evicted_only_when_what_runs_changed():
+    spec = ep(command=["python", "h.py"], env={"A": "1"}, workers_max=5, updated_at_ms=NOW)
+    same = launch_key(msgspec.structs.replace(spec, workers_max=9, idle_timeout_s=60))
+    assert same == launch_key(spec)  # scaling fields are not part of it
+    other = launch_key(msgspec.structs.replace(spec, env={"A": "2"}))
+    gpus = launch_key(msgspec.structs.replace(spec, gpu_count=1))
+    assert len({same, other, gpus}) == 3
+    nodes = [node("n1", workers=[
+        msgspec.structs.replace(parked("kept", started_ms=NOW - 60_000), launch_key=same),
+        msgspec.structs.replace(parked("env", started_ms=NOW - 60_000), launch_key=other),
+        msgspec.structs.replace(parked("gpu", started_ms=NOW - 60_000), launch_key=gpus)])]
+    plan = place(snap(nodes, [spec]), NOW, ids())
+    assert sorted(stops(plan)) == [("env", False), ("gpu", False)]
 
 
 def test_live_and_parked_stay_within_workers_max_least_recently_used_evicted():
