@@ -9,6 +9,7 @@ import pytest
 
 from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.keys import ApiKey
 from runplane_proto.jobs import JobEnded, JobEvent, JobQueued, JobRecord, StreamChunk, CancelJob, WebhookDue
 from runplane_proto.nodes import CommandReply, NodeCommand, NodeStatus
 from runplane_proto.leases import Lease
@@ -22,7 +23,7 @@ TYPES = {
     "endpoint_spec": EndpointSpec, "node_status": NodeStatus, "start_worker": NodeCommand,
     "stop_worker": NodeCommand, "command_reply": CommandReply, "scale_target": ScaleTarget, "lease": Lease,
     "placement_status": PlacementStatus, "worker_logs_request": WorkerLogsRequest,
-    "worker_logs_reply": WorkerLogsReply, "job_ended": JobEnded,
+    "worker_logs_reply": WorkerLogsReply, "job_ended": JobEnded, "api_key": ApiKey,
 }
 
 
