@@ -46,12 +46,14 @@ class SimNode:
                      for i in range(8)]
         self.workers: dict[str, WorkerInfo] = {}
         self.started_ms = started_ms
+        self.layout_version = 1  # bumped on every change of `workers`, as a real agent does
 
     def status(self) -> NodeStatus:
         return NodeStatus(
             node_id=self.node_id, hostname=self.node_id, runtime="sim", capabilities=["gpu"], cpu_count=32,
             memory_total_mb=512_000, gpus=self.gpus, driver_version="560.35.03", cuda_version="12.6",
-            workers=list(self.workers.values()), started_at_ms=self.started_ms, heartbeat_at_ms=now_ms())
+            workers=list(self.workers.values()), started_at_ms=self.started_ms, heartbeat_at_ms=now_ms(),
+            layout_version=self.layout_version)
 
 
 class Fleet:
@@ -90,6 +92,7 @@ class Fleet:
                                           "worker": command.worker_id}) + "\n")
         else:
             node.workers.pop(command.worker_id, None)
+        node.layout_version += 1
         self.dirty.add(index)
         await msg.respond(OK)
 

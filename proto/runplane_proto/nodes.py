@@ -62,6 +62,10 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     # workers hold of it now.
     park_budget_mb: int = 0
     parked_mb: int = 0
+    # Bumped by the agent whenever `workers` or its GPUs' identities (index, uuid, name)
+    # change, so a reader can tell a mere heartbeat from a change without comparing the
+    # lists (with `started_at_ms`: a restarted agent starts again at 1). 0 = not reported.
+    layout_version: int = 0
 
 
 class StartWorker(msgspec.Struct, frozen=True, kw_only=True, tag="start_worker"):

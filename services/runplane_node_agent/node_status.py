@@ -38,6 +38,8 @@ class StatusPublisher:
         self.gpus = GpuSnapshot()
         self._gpus_read_at = 0.0
         self._changed = asyncio.Event()
+        self._layout: tuple[list, list] | None = None
+        self._layout_version = 0
         self._closed = False
 
     def changed(self) -> None:
@@ -66,6 +68,9 @@ class StatusPublisher:
             counts[w.state] += 1
         for state, n in counts.items():
             metrics.WORKERS.labels(state=state).set(n)
+        layout = (workers, [(g.index, g.uuid, g.name) for g in self.gpus.gpus])
+        if layout != self._layout:
+            self._layout, self._layout_version = layout, self._layout_version + 1
         return NodeStatus(
             node_id=self.settings.node_id, hostname=host.hostname, runtime=self.runtime.name,
             capabilities=capabilities, cpu_count=host.cpu_count, memory_total_mb=host.memory_total_mb,
@@ -75,7 +80,7 @@ class StatusPublisher:
             memory_available_mb=usage.memory_available_mb, disk_total_mb=usage.disk_total_mb,
             disk_free_mb=usage.disk_free_mb,
             park_budget_mb=self.supervisor.flash.budget_for_status(),
-            parked_mb=self.supervisor.flash.parked_mb(),
+            parked_mb=self.supervisor.flash.parked_mb(), layout_version=self._layout_version,
         )
 
     async def write(self) -> None:

@@ -150,12 +150,14 @@ class NodeView:
     """What placement derives from one node's worker list, kept while the list is unchanged
     (a heartbeat rewrites a node's status every second; its workers rarely change)."""
 
-    __slots__ = ("by_endpoint", "gpus", "ids", "parked", "shape", "used_gpus", "workers", "_free")
+    __slots__ = ("by_endpoint", "gpus", "ids", "layout", "parked", "shape", "used_gpus", "workers", "_free")
 
     def __init__(self, node: NodeStatus) -> None:
         self.workers = node.workers
         self.gpus = node.gpus
         self.shape = (node.draining, node.cpu_count)
+        # The agent's word that workers and GPU identities are unchanged (None: not reported).
+        self.layout = (node.started_at_ms, node.layout_version) if node.layout_version else None
         self._free: dict[str, list[GpuInfo]] | None = None
         self.ids = frozenset(w.worker_id for w in node.workers)
         self.used_gpus = frozenset(u for w in node.workers for u in w.gpu_uuids)
@@ -194,6 +196,11 @@ class NodeViews:
         view = self._views.get(node.node_id)
         if view is not None and view.workers is node.workers and view.gpus is node.gpus and (
                 view.shape == (node.draining, node.cpu_count)):
+            return view
+        if view is not None and view.layout is not None and node.layout_version and (
+                view.layout == (node.started_at_ms, node.layout_version)
+                and view.shape == (node.draining, node.cpu_count)):
+            view.workers, view.gpus = node.workers, node.gpus  # a heartbeat: same layout, no compare
             return view
         if view is None or view.workers != node.workers or view.gpus != node.gpus or (
                 view.shape != (node.draining, node.cpu_count)):

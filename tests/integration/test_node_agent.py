@@ -187,3 +187,23 @@ async def test_stop_worker_leaves_a_busy_worker_alone(bus, agent):
     assert (await stop_worker(bus, node, worker_id)).ok
     await async_wait_until(lambda: _value(not process_alive(pid)), timeout_s=15, what="worker process exit")
     await wait_worker_gone(bus, node, worker_id)
+
+
+async def test_the_layout_version_moves_with_the_workers_and_not_with_heartbeats(bus, agent, echo):
+    _, worker_id = echo
+    key = s.node_key(agent.settings.node_id)
+    await wait_worker_state(bus, agent.settings.node_id, worker_id, "idle")
+    before = (await bus.nodes.get(key)).value
+    await async_wait_until(lambda: _beat_after(bus, key, before.heartbeat_at_ms), what="a later heartbeat")
+    beat = (await bus.nodes.get(key)).value
+    assert before.layout_version >= 1 and (beat.workers == before.workers) == (
+        beat.layout_version == before.layout_version)
+    other = await start_worker(bus, agent.settings.node_id, echo_spec("layout"))
+    changed = (await bus.nodes.get(key)).value
+    assert any(w.worker_id == other for w in changed.workers) and changed.layout_version > beat.layout_version
+    await stop_worker(bus, agent.settings.node_id, other)
+    await wait_worker_gone(bus, agent.settings.node_id, other)
+
+
+async def _beat_after(bus, key: str, heartbeat_at_ms: int) -> bool:
+    return (await bus.nodes.get(key)).value.heartbeat_at_ms > heartbeat_at_ms

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -368,3 +369,22 @@ def test_views_carried_over_between_rounds_never_change_a_plan(rounds):
         fresh = place(snapshot, NOW, ids())
         assert place(snapshot, NOW, ids(), views=views) == fresh
         assert place(snapshot, NOW, ids(), views=views) == fresh  # from the cached heaps
+
+
+def test_a_heartbeat_with_the_same_layout_version_reuses_the_view_and_a_new_version_rebuilds_it():
+    views = NodeViews()
+    worker = WorkerInfo(worker_id="w1", endpoint_id="ep1", state="idle", started_at_ms=NOW)
+    first = msgspec.structs.replace(node("n1", workers=[worker]), layout_version=3, started_at_ms=NOW)
+    view = views.of(first)
+    generation = views.generation
+    # A newer status of the same layout (new objects, as decoded from each heartbeat).
+    beat = msgspec.structs.replace(first, workers=[msgspec.structs.replace(worker)], heartbeat_at_ms=NOW + 1000)
+    assert views.of(beat) is view and views.generation == generation
+    # A changed layout is a new view, found by the version alone.
+    busy = msgspec.structs.replace(worker, state="running", jobs=["j1"])
+    changed = msgspec.structs.replace(first, workers=[busy], layout_version=4)
+    assert views.of(changed) is not view and views.generation == generation + 1
+    assert live_workers(snap([changed], [ep()]), views)["ep1"][0].info.jobs == ["j1"]
+    # A restarted agent counts from 1 again: its start time tells the layouts apart.
+    restarted = msgspec.structs.replace(changed, workers=[], layout_version=4, started_at_ms=NOW + 5)
+    assert views.of(restarted).workers == []
