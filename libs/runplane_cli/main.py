@@ -4,6 +4,7 @@
     runplane endpoint create|list|get|update|delete
     runplane job run|status|cancel|stream|list
     runplane nodes | workers ENDPOINT | logs ENDPOINT [-f]
+    runplane keys create|list|get|revoke          API keys (an admin key only)
 
 Every command but `up` talks to the gateway's HTTP API only: `RP_URL` (or --url) and
 `RP_API_KEY` (or --api-key; else the key `runplane up` keeps in ./.runplane/api-key).
@@ -169,6 +170,43 @@ def logs(gw: Gateway, args: argparse.Namespace) -> int:
         got = gw.get(path, worker=args.worker, after=got["cursor"], limit=1000)
 
 
+# -- API keys ------------------------------------------------------------------------------------
+
+def keys_create(gw: Gateway, args: argparse.Namespace) -> int:
+    if args.admin and args.endpoint:
+        raise CliError("an admin key reaches every endpoint: give --admin or --endpoint, not both")
+    body: dict[str, Any] = {"name": args.name, "scope": "admin" if args.admin else "endpoint"}
+    if args.endpoint:
+        body["endpoints"] = [gw.endpoint_id(name) for name in args.endpoint]
+    made = gw.post("/v1/keys", body)
+    if args.json:
+        render.print_json(made)
+    else:
+        reach = "everything" if args.admin else ", ".join(made["endpoints"]) or "every endpoint's /v2 API"
+        render.err.print(f"created API key [bold]{made['id']}[/] ({made['name']}, {reach}); "
+                         "its secret, shown only now:")
+        print(made["key"])
+    return 0
+
+
+def keys_list(gw: Gateway, args: argparse.Namespace) -> int:
+    found = gw.get("/v1/keys")
+    render.print_json(found) if args.json else render.keys(found)
+    return 0
+
+
+def keys_get(gw: Gateway, args: argparse.Namespace) -> int:
+    found = gw.get(f"/v1/keys/{args.key}")
+    render.print_json(found) if args.json else render.keys([found])
+    return 0
+
+
+def keys_revoke(gw: Gateway, args: argparse.Namespace) -> int:
+    revoked = gw.call("DELETE", f"/v1/keys/{args.key}")
+    render.print_json(revoked) if args.json else render.out.print(f"revoked API key {revoked['id']}")
+    return 0
+
+
 # -- up ------------------------------------------------------------------------------------------
 
 def up(_: argparse.Namespace) -> int:
@@ -184,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="runplane", description="Runplane: serverless GPU endpoints.")
     root.add_argument("--url", default=os.environ.get("RP_URL", DEFAULT_URL),
                       help="the gateway (RP_URL; default %(default)s)")
-    root.add_argument("--api-key", default=None, help="admin API key (RP_API_KEY; else ./.runplane/api-key)")
+    root.add_argument("--api-key", default=None, help="API key (RP_API_KEY; else ./.runplane/api-key)")
     root.add_argument("--json", action="store_true", help="print the API's JSON")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -249,6 +287,20 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("--tail", type=int, default=100, help="how many recent lines first (default 100)")
     lg.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     lg.set_defaults(run=logs)
+    keys = commands.add_parser("keys", help="API keys: create, list, get, revoke (an admin key only)")
+    key_commands = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create_key = key_commands.add_parser("create", help="a new key; its secret is printed once")
+    create_key.add_argument("name")
+    create_key.add_argument("--endpoint", action="append", default=[], metavar="ENDPOINT",
+                            help="id or name, repeatable: only these endpoints (default: every endpoint)")
+    create_key.add_argument("--admin", action="store_true", help="an admin key (endpoints, keys, nodes)")
+    create_key.set_defaults(run=keys_create)
+    key_commands.add_parser("list", help="every key, without secrets").set_defaults(run=keys_list)
+    for name, handler, helptext in (("get", keys_get, "one key, without its secret"),
+                                    ("revoke", keys_revoke, "revoke a key (refused at once everywhere)")):
+        cmd = key_commands.add_parser(name, help=helptext)
+        cmd.add_argument("key", help="the key's id")
+        cmd.set_defaults(run=handler)
     _json_everywhere(root)
     return root
 

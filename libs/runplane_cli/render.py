@@ -65,6 +65,15 @@ def endpoint(ep: dict) -> None:
     out.print(table)
 
 
+def keys(items: list[dict]) -> None:
+    table = Table("ID", "NAME", "PREFIX", "SCOPE", "ENDPOINTS", "CREATED")
+    for key in items:
+        endpoints = ", ".join(key["endpoints"]) or ("all" if key["scope"] == "endpoint" else "-")
+        table.add_row(key["id"], escape(key["name"]), key["prefix"] + "_…", key["scope"], endpoints,
+                      ago(key["createdAtMs"]) + " ago")
+    out.print(table)
+
+
 def jobs(items: list[dict]) -> None:
     table = Table("JOB", "STATUS", "SUBMITTED", "DELAY", "EXECUTION", "WORKER", "NODE", "ERROR")
     for job in items:
