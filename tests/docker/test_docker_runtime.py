@@ -72,12 +72,18 @@ def test_container_has_labels_limits_env_and_no_new_privileges(cluster):
     assert container["Config"]["Cmd"] == ["python", "-u", "/opt/worker/handler.py"]
     assert host["Memory"] == 256 * 1024 * 1024 and host["NanoCpus"] == 1_500_000_000
     assert any(opt.startswith("no-new-privileges") for opt in host["SecurityOpt"])
+    # Nothing that would hand the worker the host: not privileged, no Docker socket mounted.
+    assert host["Privileged"] is False and not host.get("CapAdd")
+    mounted = [m.get("Source", "") + " -> " + m.get("Destination", "") for m in container.get("Mounts") or []]
+    mounted += list(host.get("Binds") or [])
+    assert not [m for m in mounted if "docker.sock" in m], mounted
     assert host["NetworkMode"] == f"runplane-{cluster.docker_node}" and host["Init"] is True
     env = dict(e.split("=", 1) for e in container["Config"]["Env"])
     assert env["GREETING"] == "hello" and env["RUNPOD_POD_ID"] == labels["runplane.worker_id"]
     assert env["RUNPOD_AI_API_KEY"] and not any(k.startswith("RP_") for k in env)
     assert env["RUNPOD_WEBHOOK_GET_JOB"].startswith("http://") and "/job-take/" in env["RUNPOD_WEBHOOK_GET_JOB"]
     assert "VIRTUAL_ENV" not in env and "HOME" not in env  # nothing of the agent's own environment
+    assert "DOCKER_HOST" not in env
     out = run_sync(cluster, ep, {"env": ["GREETING"]})
     assert out["status"] == "COMPLETED" and out["output"]["env"] == {"GREETING": "hello"}
 
