@@ -212,6 +212,37 @@ def test_a_node_agent_cannot_command_nodes_scale_or_read_other_replies(secured):
         assert any(expected in e for e in errors), (expected, errors)
 
 
+def test_only_the_gateway_reads_or_writes_api_key_hashes(secured):
+    """The gateway (as its own user) keeps API keys in KV rp-api-keys; no other service's user
+    may read a hash there, or put a key of its own."""
+    cluster, server = secured
+    with cluster.client() as http:
+        made = http.post("/v1/keys", json={"name": "ops", "scope": "admin"})
+        assert made.status_code == 201, made.text
+    key_id = made.json()["id"]
+
+    async def attempt(role: str) -> None:
+        nc = await nats.connect(server.url, user=role, password=cluster.passwords[role],
+                                inbox_prefix=f"_INBOX.{role}", max_reconnect_attempts=0)
+        try:
+            keys = await nc.jetstream(timeout=2).key_value(s.KV_API_KEYS)  # the bucket exists for all
+            with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+                await keys.get(s.api_key_key(key_id))
+            with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+                await keys.put(s.api_key_key("forged"), b"{}")
+        finally:
+            await nc.close()
+
+    for role in ("node-agent", "scheduler", "autoscaler"):
+        asyncio.run(attempt(role))
+    violations = server.violations()
+    for role in ("node-agent", "scheduler", "autoscaler"):
+        assert any(f'"RUNPLANE/user:{role}" - Publish Violation - Subject "$KV.rp-api-keys.forged"' in line
+                   for line in violations), (role, violations[-5:])
+    with cluster.client() as http:  # the gateway itself reads and revokes it
+        assert http.delete(f"/v1/keys/{key_id}").status_code == 200
+
+
 def test_a_wrong_password_is_refused(secured):
     _, server = secured
 
