@@ -163,7 +163,8 @@ async def _campaign(d: Deployment, settings: CampaignSettings) -> CampaignResult
     drain_started = time.monotonic()
     records = await _wait_terminal(d, endpoints, load, settings.drain_timeout_s)
     drained_s = time.monotonic() - drain_started
-    report = account(load.accepted, load.maybe_tokens, records, _executions(executions_path), load.deliveries)
+    report = account(load.accepted, load.maybe_tokens, records, _executions(executions_path), load.deliveries,
+                     frozenset(load.refused_tokens))
     return CampaignResult(report=report, kills=driver.kills, load=load, workdir=d.workdir,
                           drained_s=drained_s, logs=d.logs() if report.violations else "")
 
@@ -262,6 +263,7 @@ def figures(result: CampaignResult) -> dict[str, float]:
         "cancelled": r.cancelled, "timed out": r.timed_out, "executed twice": r.executed_twice,
         "lost": len(r.lost), "wrong output": len(r.wrong_output), "no reason": len(r.no_reason),
         "unexplained executions": len(r.unexplained_executions),
+        "refused but left queued": len(r.refused_left_queued),
     }
     for name, n in sorted(r.failed_by_cause.items()):
         out[f"failed: {name}"] = n

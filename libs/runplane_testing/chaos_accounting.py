@@ -65,6 +65,9 @@ class Report:
     no_reason: list[str] = field(default_factory=list)
     unexplained_executions: list[str] = field(default_factory=list)
     latency_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> submit to COMPLETED
+    # Submits a gateway refused (5xx) that left a record behind anyway, still not terminal:
+    # not accepted, so not lost, but a queued job nobody will hear of until its TTL.
+    refused_left_queued: list[str] = field(default_factory=list)
 
     @property
     def violations(self) -> list[str]:
@@ -89,7 +92,8 @@ def _right_output(final: Final, kind: str) -> bool:
 
 
 def account(accepted: dict[str, Submitted], maybe_tokens: set[str], records: dict[str, Final],
-            executions: Counter[str], deliveries: list[Delivery]) -> Report:
+            executions: Counter[str], deliveries: list[Delivery],
+            refused_tokens: frozenset[str] = frozenset()) -> Report:
     report = Report(submitted=len(accepted), maybe_accepted=len(maybe_tokens))
     tokens = {sub.token: sub for sub in accepted.values()}
     # Jobs accepted without the client hearing of it: accounted like the others.
@@ -103,6 +107,8 @@ def account(accepted: dict[str, Submitted], maybe_tokens: set[str], records: dic
                                      phase=known.phase if known else "chaos",
                                      cancel_requested=bool(known and known.cancel_requested))
             report.found_unacknowledged += 1
+        elif job_id not in jobs and final.token in refused_tokens and final.status not in TERMINAL:
+            report.refused_left_queued.append(f"{job_id} ({final.status})")
     for job_id, sub in jobs.items():
         final = records.get(job_id)
         if final is None or final.status not in TERMINAL:

@@ -39,6 +39,7 @@ class Load:
     accepted: dict[str, Submitted] = field(default_factory=dict)
     maybe_tokens: set[str] = field(default_factory=set)
     refused: Counter[str] = field(default_factory=Counter)
+    refused_tokens: set[str] = field(default_factory=set)
     deliveries: list[Delivery] = field(default_factory=list)
     submit_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> accepted submits' latency
     runsync_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> runsync answered COMPLETED
@@ -125,6 +126,7 @@ class Load:
             elapsed_ms = (time.monotonic() - started) * 1000
             if resp.status_code != 200:
                 self.refused[f"{route} {resp.status_code}"] += 1
+                self.refused_tokens.add(token)
                 return None
             body = resp.json()
             job_id = body["id"]

@@ -78,3 +78,9 @@ def test_jobs_accepted_without_an_answer_are_accounted_too():
 def test_causes_are_short_and_stable():
     assert cause("job expired in the queue: not started within its TTL of 5000 ms") == "job expired in the queue"
     assert cause("") == "unknown"
+
+
+def test_a_refused_submit_that_left_a_queued_record_is_reported_apart():
+    records = {"z": _final("z", "t9", "IN_QUEUE")}
+    report = account({}, set(), records, Counter(), [], frozenset({"t9"}))
+    assert report.refused_left_queued == ["z (IN_QUEUE)"] and not report.violations
