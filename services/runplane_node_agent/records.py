@@ -37,7 +37,8 @@ class RecordWriter:
     async def conclude(self, key: str, record: JobRecord, revision: int,
                         change: Change) -> JobRecord | None:
         """Write a status change and announce it: JobChanged, the end's count for /health, then
-        WebhookDue for a terminal record with a webhook. Returns the written record, None if nothing was written."""
+        WebhookDue for a terminal record with a webhook. Returns the written record, None if
+        nothing was written."""
         new, _, written = await self.cas(key, record, revision, change)
         if not written or new is None:
             return None
