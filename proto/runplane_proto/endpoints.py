@@ -12,6 +12,16 @@ from runplane_proto.ids import EndpointId
 ScalerType = Literal["QUEUE_DELAY", "REQUEST_COUNT"]
 
 
+class WarmWindow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A recurring time during which a flash endpoint keeps `workers` pre-warmed: it opens
+    at each time the five-field cron expression names, in `timezone`, for `minutes`."""
+
+    cron: str
+    minutes: int
+    workers: int = 1
+    timezone: str = "UTC"
+
+
 class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     id: EndpointId
     name: str
@@ -31,6 +41,10 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     # Flash endpoints: workers kept pre-warmed (started, initialised, parked) even at zero
     # active workers, so the first job after a quiet spell is a flash start, not a cold one.
     prewarm_workers: int = 0
+    # More pre-warmed workers at given times (the most any open window asks for)...
+    warm_windows: list[WarmWindow] = []
+    # ...and ahead of the endpoint's recurring daily load, learned from its own history.
+    predictive_prewarm: bool = False
     created_at_ms: int = 0
     updated_at_ms: int = 0
 

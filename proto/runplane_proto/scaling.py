@@ -22,6 +22,12 @@ class ScaleTarget(msgspec.Struct, frozen=True, kw_only=True):
     last_scale_up_at_ms: int = 0
     # Flash endpoints: workers to keep pre-warmed (live or parked together) at any count.
     prewarm_workers: int = 0
+    # The endpoint's daily load as learned so far: per slot of the day (RP_PROFILE_SLOT_S),
+    # a decaying average of the most workers wanted in that slot; the slot being observed
+    # now (-1: none yet) and the most workers wanted in it so far.
+    load_profile: list[float] = []
+    profile_slot: int = -1
+    slot_peak: int = 0
 
 
 class PlacementStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,6 +11,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from runplane_autoscaler.policy import ScaleState, decide, state_of
+from runplane_autoscaler.prewarm import ProfileConfig
 from runplane_autoscaler.settings import AutoscalerSettings
 from runplane_autoscaler.signals import sample
 from runplane_bus import Bus
@@ -53,6 +54,9 @@ class Autoscaler:
         self.settings = settings
         self.clock = clock or Clock()
         self.states: dict[str, ScaleState] = {}
+        self.profile_config = ProfileConfig(
+            period_s=settings.profile_period_s, slot_s=settings.profile_slot_s,
+            lead_s=settings.profile_lead_s)
         # The target last written per endpoint and when (ms), to write only on change.
         self.written: dict[str, tuple[ScaleTarget, int]] = {}
         self._restored = False
@@ -109,7 +113,7 @@ class Autoscaler:
             LOW_QUEUED.labels(endpoint=endpoint_id).set(s.low_in_queue)
             LOW_IN_PROGRESS.labels(endpoint=endpoint_id).set(s.low_in_progress)
             try:
-                target, state = decide(spec, s, self.states.get(endpoint_id), now_ms)
+                target, state = decide(spec, s, self.states.get(endpoint_id), now_ms, self.profile_config)
             except Exception:
                 ERRORS.labels(step="decide").inc()
                 log.exception("decide failed", endpoint_id=endpoint_id)
@@ -148,9 +152,11 @@ class Autoscaler:
         last, written_at_ms = previous
         if (last.desired_workers, last.prewarm_workers) != (target.desired_workers, target.prewarm_workers):
             return True
-        # Same count: only refresh the persisted state (and reason) now and then.
-        same = (last.reason, last.last_active_at_ms, last.last_needed_at_ms, last.last_scale_up_at_ms) == (
-            target.reason, target.last_active_at_ms, target.last_needed_at_ms, target.last_scale_up_at_ms)
+        # Same counts: only refresh the persisted state (and reason) now and then.
+        same = (last.reason, last.last_active_at_ms, last.last_needed_at_ms, last.last_scale_up_at_ms,
+                last.profile_slot, last.slot_peak, last.load_profile) == (
+            target.reason, target.last_active_at_ms, target.last_needed_at_ms, target.last_scale_up_at_ms,
+            target.profile_slot, target.slot_peak, target.load_profile)
         return not same and now_ms - written_at_ms >= self.settings.persist_state_s * 1000
 
     async def _publish(self, target: ScaleTarget, now_ms: int) -> None:

@@ -14,9 +14,10 @@ The rules (RunPod's endpoint settings, with hysteresis so a steady load gives a 
 * scale down one worker per decision, only once the surplus has lasted `idleTimeout`
   seconds, never to zero before the endpoint had no queued or in-progress work for
   `idleTimeout` seconds, and never below the number of busy workers;
-* flash endpoints keep `prewarmWorkers` pre-warmed (live or parked together, at most
-  workersMax) whatever the count, so a quiet endpoint's next job is a flash start; the
-  scheduler places them (parked from the start) and they never count as workers here;
+* flash endpoints keep workers pre-warmed (live or parked together, at most workersMax)
+  whatever the count, so a quiet endpoint's next job is a flash start: `prewarmWorkers`,
+  more in open warm windows, and ahead of recurring daily load (prewarm.py); the scheduler
+  places them (parked from the start) and they never count as workers here;
 * low-priority jobs (`policy.lowPriority`) never add a worker: only normal jobs count
   toward the demand. They run on workers that exist anyway; while there are any, the
   last worker is kept (its idle window restarts) as for any other work.
@@ -29,8 +30,11 @@ from __future__ import annotations
 
 import msgspec
 
+from runplane_autoscaler.prewarm import Profile, ProfileConfig, observe, prewarm_workers
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.scaling import ScaleTarget
+
+DEFAULT_PROFILE = ProfileConfig()
 
 
 class Signals(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,6 +109,7 @@ class ScaleState(msgspec.Struct, frozen=True, kw_only=True):
     last_active_at_ms: int = 0
     last_needed_at_ms: int = 0
     last_scale_up_at_ms: int = 0
+    profile: Profile = Profile()
 
 
 def bounds(spec: EndpointSpec) -> tuple[int, int]:
@@ -118,11 +123,6 @@ def clamp(spec: EndpointSpec, n: int) -> int:
     return min(high, max(low, n))
 
 
-def prewarm(spec: EndpointSpec) -> int:
-    """Workers to keep pre-warmed: only flash endpoints, within workersMax."""
-    return min(max(0, spec.prewarm_workers), bounds(spec)[1]) if spec.flashboot else 0
-
-
 def initial_state(spec: EndpointSpec, now_ms: int) -> ScaleState:
     """The state of an endpoint seen for the first time: at workersMin, nothing to remember."""
     return ScaleState(desired_workers=clamp(spec, 0), last_needed_at_ms=now_ms)
@@ -133,6 +133,7 @@ def state_of(target: ScaleTarget) -> ScaleState:
     return ScaleState(
         desired_workers=target.desired_workers, last_active_at_ms=target.last_active_at_ms,
         last_needed_at_ms=target.last_needed_at_ms, last_scale_up_at_ms=target.last_scale_up_at_ms,
+        profile=Profile(load=target.load_profile, slot=target.profile_slot, peak=target.slot_peak),
     )
 
 
@@ -166,7 +167,7 @@ def needed_workers(spec: EndpointSpec, signals: Signals, state: ScaleState, now_
 
 
 def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
-           now_ms: int) -> tuple[ScaleTarget, ScaleState]:
+           now_ms: int, profile_config: ProfileConfig = DEFAULT_PROFILE) -> tuple[ScaleTarget, ScaleState]:
     """The endpoint's desired worker count and the state to pass to the next call."""
     if state is None:
         state = initial_state(spec, now_ms)
@@ -201,11 +202,19 @@ def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
             reason = f"at workersMin: {why}"
     if desired > current:
         last_up = now_ms
+    # Learn the daily load (flash endpoints: only they can be pre-warmed), then pre-warm.
+    profile = state.profile
+    if spec.flashboot:
+        profile = observe(profile, now_ms, max(desired, signals.workers_busy), profile_config)
+    prewarm, prewarm_why = prewarm_workers(spec, now_ms, profile, profile_config)
+    if prewarm:
+        reason = f"{reason}; {prewarm} pre-warmed ({prewarm_why})"
     new_state = ScaleState(desired_workers=desired, last_active_at_ms=last_active,
-                           last_needed_at_ms=last_needed, last_scale_up_at_ms=last_up)
+                           last_needed_at_ms=last_needed, last_scale_up_at_ms=last_up, profile=profile)
     target = ScaleTarget(
         endpoint_id=spec.id, desired_workers=desired, reason=reason, decided_at_ms=now_ms,
         last_active_at_ms=last_active, last_needed_at_ms=last_needed, last_scale_up_at_ms=last_up,
-        prewarm_workers=prewarm(spec),
+        prewarm_workers=prewarm, load_profile=profile.load, profile_slot=profile.slot,
+        slot_peak=profile.peak,
     )
     return target, new_state

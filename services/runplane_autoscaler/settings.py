@@ -17,6 +17,10 @@ class AutoscalerSettings(msgspec.Struct, frozen=True, kw_only=True):
     persist_state_s: float = 5.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    # Predictive pre-warm: the recurring period (a day), its slots, and how far ahead.
+    profile_period_s: int = 86_400
+    profile_slot_s: int = 900
+    profile_lead_s: int = 900
 
 
 def _positive(name: str, value: float) -> float:
@@ -33,4 +37,7 @@ def load_settings() -> AutoscalerSettings:
         persist_state_s=_positive("RP_AUTOSCALE_PERSIST_S", env_float("RP_AUTOSCALE_PERSIST_S", 5.0)),
         metrics_host=env_str("RP_METRICS_HOST", "127.0.0.1"),
         metrics_port=env_int("RP_METRICS_PORT", 0),
+        profile_period_s=int(_positive("RP_PROFILE_PERIOD_S", env_int("RP_PROFILE_PERIOD_S", 86_400))),
+        profile_slot_s=int(_positive("RP_PROFILE_SLOT_S", env_int("RP_PROFILE_SLOT_S", 900))),
+        profile_lead_s=max(0, env_int("RP_PROFILE_LEAD_S", 900)),
     )

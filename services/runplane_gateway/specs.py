@@ -11,6 +11,7 @@ import msgspec
 from msgspec import UNSET
 
 from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.windows import window_problem
 from runplane_gateway.errors import ApiError, validation_message
 from runplane_gateway.wire import (
     ENDPOINT_FIELDS, EndpointCreate, EndpointPatch, EndpointView, body_decoder, encoder,
@@ -25,7 +26,8 @@ _SPEC_FIELDS = {
     "workersMin": "workers_min", "workersMax": "workers_max", "idleTimeout": "idle_timeout_s",
     "scalerType": "scaler_type", "scalerValue": "scaler_value", "flashboot": "flashboot",
     "gpuCount": "gpu_count", "gpuTypeIds": "gpu_type_ids", "executionTimeoutMs": "execution_timeout_ms",
-    "prewarmWorkers": "prewarm_workers",
+    "prewarmWorkers": "prewarm_workers", "warmWindows": "warm_windows",
+    "predictivePrewarm": "predictive_prewarm",
 }
 assert set(_SPEC_FIELDS) == ENDPOINT_FIELDS
 
@@ -108,6 +110,15 @@ def _checked(spec: EndpointSpec) -> EndpointSpec:
     if spec.prewarm_workers > spec.workers_max:
         raise ApiError(400, f"prewarmWorkers must be <= workersMax (got {spec.prewarm_workers} > "
                             f"{spec.workers_max})")
+    for i, window in enumerate(spec.warm_windows):
+        if (problem := window_problem(window)) is not None:
+            raise ApiError(400, f"warmWindows[{i}]: {problem}")
+        if window.workers > spec.workers_max:
+            raise ApiError(400, f"warmWindows[{i}]: workers must be <= workersMax (got {window.workers} > "
+                                f"{spec.workers_max})")
+    if (spec.warm_windows or spec.predictive_prewarm) and not spec.flashboot:
+        raise ApiError(400, "warmWindows and predictivePrewarm keep parked flash workers: they need "
+                            "flashboot: true")
     if not spec.command and not spec.image_name:
         raise ApiError(400, "an endpoint needs a command or an imageName")
     if spec.image_name is not None and not spec.image_name.strip():

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
+from runplane_proto.endpoints import WarmWindow
+
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
 
@@ -115,6 +117,8 @@ class EndpointCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gpuTypeIds: list[str] = []
     executionTimeoutMs: ExecutionTimeoutMs = 600_000
     prewarmWorkers: WorkerCount = 0
+    warmWindows: Annotated[list[WarmWindow], msgspec.Meta(max_length=16)] = []
+    predictivePrewarm: bool = False
 
 
 class EndpointPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -134,6 +138,8 @@ class EndpointPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gpuTypeIds: list[str] | UnsetType = UNSET
     executionTimeoutMs: ExecutionTimeoutMs | UnsetType = UNSET
     prewarmWorkers: WorkerCount | UnsetType = UNSET
+    warmWindows: Annotated[list[WarmWindow], msgspec.Meta(max_length=16)] | UnsetType = UNSET
+    predictivePrewarm: bool | UnsetType = UNSET
 
 
 ENDPOINT_FIELDS: frozenset[str] = frozenset(EndpointCreate.__struct_fields__)
@@ -155,6 +161,8 @@ class EndpointView(msgspec.Struct, frozen=True):
     gpuTypeIds: list[str]
     executionTimeoutMs: int
     prewarmWorkers: int
+    warmWindows: list[WarmWindow]
+    predictivePrewarm: bool
     createdAtMs: int
     updatedAtMs: int
 

@@ -4,12 +4,14 @@ their GPUs (fake NVML GPUs) until a worker of another endpoint needs them."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 import time
 
 import pytest
 
+from runplane_bus import Bus, BusSettings
 from runplane_testing.cluster import ROOT, Cluster, python_command
 from runplane_testing.nodewatch import NodeWatch
 from runplane_testing.waiting import wait_until
@@ -97,6 +99,59 @@ def test_a_prewarm_that_does_not_fit_the_pool_is_not_retried_in_a_loop():
         assert "cannot pre-warm here: the parking pool has" in cluster.logs()
         # The endpoint itself still works (a cold start).
         assert _runsync(cluster, ep, {"n": 1})["output"]["input"] == {"n": 1}
+
+
+def test_a_warm_window_keeps_prewarmed_workers_while_open_and_none_while_closed():
+    closed_hour = (time.gmtime().tm_hour + 12) % 24
+    with Cluster(nodes=1, env=dict(FAST_ENV, RP_PARK_MEMORY_MB="2048")) as cluster, \
+            NodeWatch(cluster.nats.url) as watch:
+        closed = _flash_endpoint(cluster, "window-closed", warmWindows=[
+            {"cron": f"0 {closed_hour} * * *", "minutes": 60, "workers": 1}])
+        opened = _flash_endpoint(cluster, "window-open", warmWindows=[
+            {"cron": "* * * * *", "minutes": 10, "workers": 1, "timezone": "Asia/Tokyo"}])
+        [prewarmed] = wait_until(lambda: _parked(watch, opened) or None, timeout_s=30,
+                                 what="a worker pre-warmed in the open window")
+        target = _scale_target(cluster, opened)
+        assert target.prewarm_workers == 1 and target.desired_workers == 0 and "warm window 0" in target.reason
+        assert _scale_target(cluster, closed).prewarm_workers == 0
+        assert watch.ids_seen(closed) == set() and watch.peak(opened) == 0
+        assert _runsync(cluster, opened, {"n": 1})["workerId"] == prewarmed.worker_id
+
+
+def test_predictive_prewarm_learns_a_recurring_load_and_prewarms_ahead_of_it():
+    # A "day" of 8 s in slots of 2 s, pre-warmed one slot ahead. No node: jobs only queue, and
+    # the demand they make is what the autoscaler learns.
+    period_s = 8
+    env = dict(FAST_ENV, RP_PROFILE_PERIOD_S=str(period_s), RP_PROFILE_SLOT_S="2", RP_PROFILE_LEAD_S="2")
+    with Cluster(nodes=0, env=env) as cluster, cluster.client() as http:
+        ep = _flash_endpoint(cluster, "predictive", predictivePrewarm=True)
+        for _ in range(3):  # the load: a job queued in slot 2 (4-6 s into each period), then purged
+            _at_phase(period_s, 4.2)
+            assert http.post(f"/v2/{ep}/run", json={"input": {}}).status_code == 200
+            _at_phase(period_s, 5.5)
+            assert http.post(f"/v2/{ep}/purge-queue").status_code == 200
+        _at_phase(period_s, 0.4)  # slot 0, slot 1 coming: nothing was ever wanted there
+        assert _scale_target(cluster, ep).prewarm_workers == 0
+        _at_phase(period_s, 2.5)  # slot 1, the load's slot coming: pre-warmed ahead of it
+        target = _scale_target(cluster, ep)
+        assert target.prewarm_workers == 1 and target.desired_workers == 0, target
+        assert "predicted from the daily load" in target.reason
+
+
+def _at_phase(period_s: float, phase_s: float) -> None:
+    time.sleep((phase_s - time.time() % period_s) % period_s)
+
+
+def _scale_target(cluster, endpoint_id: str):
+    async def read():
+        bus = await Bus.connect(BusSettings(url=cluster.nats.url, name="test"))
+        try:
+            entry = await bus.scale.get(endpoint_id)
+            return entry.value if entry is not None else None
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
 
 
 def _paused_and_admitted(watch: NodeWatch, worker_id: str) -> bool:
