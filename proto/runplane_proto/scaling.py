@@ -28,6 +28,8 @@ class ScaleTarget(msgspec.Struct, frozen=True, kw_only=True):
     load_profile: list[float] = []
     profile_slot: int = -1
     slot_peak: int = 0
+    # Why the count is held below what the load asks for (no capacity), "" when it is not.
+    throttled: str = ""
 
 
 class PlacementStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -195,7 +195,7 @@ REGISTRY: tuple[Channel, ...] = (
     Channel("scale targets", f"KV {KV_SCALE}: <endpoint>", "kv", scaling.ScaleTarget,
             ("autoscaler",), ("scheduler",), "Desired worker count per endpoint."),
     Channel("placement status", f"KV {KV_PLACEMENT}: <endpoint>", "kv", scaling.PlacementStatus,
-            ("scheduler",), ("gateway",),
+            ("scheduler",), ("gateway", "autoscaler"),
             "Wanted workers that no node can take now and why (shown by /health as `throttled`); "
             "deleted once they are placed."),
 )

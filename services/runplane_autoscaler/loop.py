@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -20,7 +21,7 @@ from runplane_bus.mirror import Mirror
 from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.nodes import NodeStatus
-from runplane_proto.scaling import ScaleTarget
+from runplane_proto.scaling import PlacementStatus, ScaleTarget
 from runplane_service.control import every
 from runplane_service.clock import Clock
 
@@ -61,12 +62,12 @@ class Autoscaler:
         self.written: dict[str, tuple[ScaleTarget, int]] = {}
         self._restored = False
         self.ticks = 0  # rounds started (tests wait on it)
-        self._mirrors: tuple[Mirror[NodeStatus], Mirror[EndpointSpec]] | None = None
+        self._mirrors: tuple[Mirror[NodeStatus], Mirror[EndpointSpec], Mirror[PlacementStatus]] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("autoscaler running", interval_s=self.settings.interval_s)
         # Live copies of node status and endpoint specs instead of reading them every round.
-        self._mirrors = (Mirror(self.bus.nodes), Mirror(self.bus.endpoints))
+        self._mirrors = (Mirror(self.bus.nodes), Mirror(self.bus.endpoints), Mirror(self.bus.placement))
         try:
             for mirror in self._mirrors:
                 await mirror.start()
@@ -107,6 +108,10 @@ class Autoscaler:
             if endpoint_id not in signals:
                 continue
             s = signals[endpoint_id]
+            pending = self._mirrors[2].get(subjects.placement_key(endpoint_id)) if self._mirrors else None
+            if pending is not None and pending.endpoint_id == endpoint_id and pending.pending_workers > 0:
+                s = msgspec.structs.replace(s, pending_workers=pending.pending_workers,
+                                            pending_reason=pending.reason)
             QUEUED.labels(endpoint=endpoint_id).set(s.in_queue)
             IN_PROGRESS.labels(endpoint=endpoint_id).set(s.in_progress)
             OLDEST_AGE.labels(endpoint=endpoint_id).set(s.oldest_queued_age_ms / 1000)

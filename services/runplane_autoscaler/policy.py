@@ -18,6 +18,9 @@ The rules (RunPod's endpoint settings, with hysteresis so a steady load gives a 
   whatever the count, so a quiet endpoint's next job is a flash start: `prewarmWorkers`,
   more in open warm windows, and ahead of recurring daily load (prewarm.py); the scheduler
   places them (parked from the start) and they never count as workers here;
+* capacity-aware: while the scheduler reports workers of the endpoint that no node can take
+  (KV `rp-placement`), the count is not raised further (`throttled` says why); once they
+  are placed it scales up again at the next decision;
 * low-priority jobs (`policy.lowPriority`) never add a worker: only normal jobs count
   toward the demand. They run on workers that exist anyway; while there are any, the
   last worker is kept (its idle window restarts) as for any other work.
@@ -52,6 +55,9 @@ class Signals(msgspec.Struct, frozen=True, kw_only=True):
     workers_idle: int = 0
     low_in_queue: int = 0
     low_in_progress: int = 0
+    # Workers the scheduler could not place for want of capacity (KV `rp-placement`), and why.
+    pending_workers: int = 0
+    pending_reason: str = ""
 
 
 class QueueCounts(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,7 +188,14 @@ def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
     last_up = state.last_scale_up_at_ms
     idle_ms = max(0, spec.idle_timeout_s) * 1000
 
-    if need > current:
+    throttled = ""
+    if need > current and signals.pending_workers > 0:
+        # No capacity for the workers already wanted: asking for more would change nothing
+        # but the count; hold, and scale up again as soon as they are placed.
+        desired = current
+        throttled = f"{signals.pending_workers} workers wait for capacity: {signals.pending_reason}"
+        reason = f"throttled ({throttled}): {why}"
+    elif need > current:
         desired = clamp(spec, need)
         reason = f"scale up: {why}" if desired > current else f"at workersMax: {why}"
     elif need == current:
@@ -215,6 +228,6 @@ def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
         endpoint_id=spec.id, desired_workers=desired, reason=reason, decided_at_ms=now_ms,
         last_active_at_ms=last_active, last_needed_at_ms=last_needed, last_scale_up_at_ms=last_up,
         prewarm_workers=prewarm, load_profile=profile.load, profile_slot=profile.slot,
-        slot_peak=profile.peak,
+        slot_peak=profile.peak, throttled=throttled,
     )
     return target, new_state

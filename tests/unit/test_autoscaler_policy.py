@@ -328,3 +328,15 @@ def test_the_target_carries_the_prewarm_count_whatever_the_worker_count(kw, expe
         assert target.prewarm_workers == expected
     idle_target, _ = decide(spec(**kw), Signals(), state(0), NOW)
     assert idle_target.desired_workers == 0  # pre-warmed workers are not workers
+
+
+def test_with_workers_waiting_for_capacity_the_count_is_held_and_resumes_once_they_are_placed():
+    waiting = Signals(in_queue=10, pending_workers=2, pending_reason="no node has 1 free GPU(s) of ['H100']")
+    target, held = decide(spec(workers_max=8), waiting, state(3), NOW)
+    assert target.desired_workers == 3 and "H100" in target.throttled and target.reason.startswith("throttled")
+    target, _ = decide(spec(workers_max=8), Signals(in_queue=10), held, NOW + 500)
+    assert target.desired_workers == 8 and target.throttled == ""  # capacity came: at once
+    # Scaling down is not held: surplus past the idle timeout still goes.
+    quiet = Signals(pending_workers=1, pending_reason="x")
+    target, _ = decide(spec(idle_timeout_s=1), quiet, state(3, needed=NOW - 5000, active=NOW - 5000), NOW)
+    assert target.desired_workers == 2 and target.throttled == ""
