@@ -45,6 +45,10 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     warm_windows: list[WarmWindow] = []
     # ...and ahead of the endpoint's recurring daily load, learned from its own history.
     predictive_prewarm: bool = False
+    # Fair share: when GPUs (or worker slots) are contended, endpoints get them in proportion
+    # to their weights; `gpu_quota` caps the GPUs the endpoint's workers hold (0 = no cap).
+    weight: int = 1
+    gpu_quota: int = 0
     created_at_ms: int = 0
     updated_at_ms: int = 0
 

@@ -27,7 +27,7 @@ _SPEC_FIELDS = {
     "scalerType": "scaler_type", "scalerValue": "scaler_value", "flashboot": "flashboot",
     "gpuCount": "gpu_count", "gpuTypeIds": "gpu_type_ids", "executionTimeoutMs": "execution_timeout_ms",
     "prewarmWorkers": "prewarm_workers", "warmWindows": "warm_windows",
-    "predictivePrewarm": "predictive_prewarm",
+    "predictivePrewarm": "predictive_prewarm", "weight": "weight", "gpuQuota": "gpu_quota",
 }
 assert set(_SPEC_FIELDS) == ENDPOINT_FIELDS
 
@@ -116,6 +116,9 @@ def _checked(spec: EndpointSpec) -> EndpointSpec:
         if window.workers > spec.workers_max:
             raise ApiError(400, f"warmWindows[{i}]: workers must be <= workersMax (got {window.workers} > "
                                 f"{spec.workers_max})")
+    if spec.gpu_quota and spec.gpu_quota < spec.gpu_count:
+        raise ApiError(400, f"gpuQuota must be 0 (no cap) or at least gpuCount (got {spec.gpu_quota} < "
+                            f"{spec.gpu_count}): no worker could ever start")
     if (spec.warm_windows or spec.predictive_prewarm) and not spec.flashboot:
         raise ApiError(400, "warmWindows and predictivePrewarm keep parked flash workers: they need "
                             "flashboot: true")

@@ -100,6 +100,8 @@ WorkerCount = Annotated[int, msgspec.Meta(ge=0, le=10_000)]
 IdleTimeoutS = Annotated[int, msgspec.Meta(ge=1, le=3600)]
 ScalerValue = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 GpuCount = Annotated[int, msgspec.Meta(ge=0, le=64)]
+Weight = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+GpuQuota = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 
 
 class EndpointCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -119,6 +121,8 @@ class EndpointCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prewarmWorkers: WorkerCount = 0
     warmWindows: Annotated[list[WarmWindow], msgspec.Meta(max_length=16)] = []
     predictivePrewarm: bool = False
+    weight: Weight = 1
+    gpuQuota: GpuQuota = 0
 
 
 class EndpointPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -140,6 +144,8 @@ class EndpointPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prewarmWorkers: WorkerCount | UnsetType = UNSET
     warmWindows: Annotated[list[WarmWindow], msgspec.Meta(max_length=16)] | UnsetType = UNSET
     predictivePrewarm: bool | UnsetType = UNSET
+    weight: Weight | UnsetType = UNSET
+    gpuQuota: GpuQuota | UnsetType = UNSET
 
 
 ENDPOINT_FIELDS: frozenset[str] = frozenset(EndpointCreate.__struct_fields__)
@@ -163,6 +169,8 @@ class EndpointView(msgspec.Struct, frozen=True):
     prewarmWorkers: int
     warmWindows: list[WarmWindow]
     predictivePrewarm: bool
+    weight: int
+    gpuQuota: int
     createdAtMs: int
     updatedAtMs: int
 

@@ -15,8 +15,11 @@ worker goes through named stages:
 * **select**: the best score, ties broken by node id, so the same snapshot and the same
   ids always give the same plan.
 
-Endpoints take turns, one worker each per round, so one endpoint cannot starve the
-others of the last free GPU. When nothing fits, the plan says why (`Plan.unplaced`).
+Endpoints take turns, so one endpoint cannot starve the others of the last free GPU:
+first every endpoint that holds nothing gets a worker, then the next worker goes to the
+endpoint whose weighted share (GPUs held, or workers for CPU endpoints, over `weight`)
+would be the smallest, so contended capacity is divided by weight. `gpuQuota` caps the
+GPUs an endpoint's workers hold. When nothing fits, the plan says why (`Plan.unplaced`).
 
 Flash boot: surplus workers of a flash endpoint are stopped with `park` (the node may keep
 them paused in its pool). A *parked* worker is not one of its endpoint's workers and takes
@@ -580,6 +583,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
     commands: list[Command] = []
     unplaced: list[Unplaced] = []
     missing: dict[str, int] = {}
+    over_quota: dict[str, int] = {}
     backoff = snapshot.backoff
 
     touched = False  # the ledger changed before choosing (resumes, evictions): no cached heaps
@@ -593,6 +597,10 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
                 touched = True
         else:
             want = desired_workers(spec, snapshot.targets.get(endpoint_id))
+            cap = quota_workers(spec)
+            if cap is not None and want > cap:
+                over_quota[endpoint_id] = want - cap
+                want = cap
             surplus, why = len(workers) - want, f"surplus: {len(workers)} workers, {want} wanted"
             pool = []
             for p in parked.get(endpoint_id, []):
@@ -633,28 +641,43 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
             views.heaps_key, views.heaps = round_key, {}
         cache = views.heaps
     chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=backoff, cache=cache)
-    while any(n > 0 for ep, n in missing.items() if ep not in blocked):
-        for endpoint_id in sorted(missing):
-            if missing[endpoint_id] <= 0 or endpoint_id in blocked:
-                continue
+    # Weighted fair share: the next worker goes to the endpoint whose share (what it holds
+    # with that worker, in GPUs or workers, over its weight) would be the smallest.
+    held = {ep: len(live.get(ep, ())) * _units(snapshot.endpoints[ep]) + _resumed(commands, ep, snapshot)
+            for ep in missing}
+    turns = [(_share(snapshot.endpoints[ep], held[ep]), ep) for ep, n in missing.items() if n > 0]
+    heapq.heapify(turns)
+    while turns:
+        _, endpoint_id = heapq.heappop(turns)
+        spec = snapshot.endpoints[endpoint_id]
+        chosen = chooser.best(spec)
+        if isinstance(chosen, str) and spec.gpu_count > 0:  # no free GPUs fit: parked workers' GPUs
+            chosen = select_evicting(spec, use, backoff=backoff) or chosen
+        if isinstance(chosen, str):
+            blocked[endpoint_id] = chosen
+            continue
+        if chosen.evicts:  # the node evicts them: out of their endpoints' pools
+            taken = set(chosen.gpu_uuids)
+            for pool in parked.values():
+                pool[:] = [p for p in pool if p.node_id != chosen.node_id
+                           or taken.isdisjoint(p.info.gpu_uuids)]  # type: ignore[union-attr]
+        chooser.assign(chosen)
+        missing[endpoint_id] -= 1
+        held[endpoint_id] += _units(spec)
+        commands.append(Command(node_id=chosen.node_id, endpoint_id=endpoint_id, message=StartWorker(
+            worker_id=new_id(), spec=spec, gpu_uuids=list(chosen.gpu_uuids))))
+        if missing[endpoint_id] > 0:
+            heapq.heappush(turns, (_share(spec, held[endpoint_id]), endpoint_id))
+    for endpoint_id in sorted(set(blocked) | set(over_quota)):
+        reasons = []
+        if endpoint_id in over_quota:
             spec = snapshot.endpoints[endpoint_id]
-            chosen = chooser.best(spec)
-            if isinstance(chosen, str) and spec.gpu_count > 0:  # no free GPUs fit: parked workers' GPUs
-                chosen = select_evicting(spec, use, backoff=backoff) or chosen
-            if isinstance(chosen, str):
-                blocked[endpoint_id] = chosen
-                continue
-            if chosen.evicts:  # the node evicts them: out of their endpoints' pools
-                taken = set(chosen.gpu_uuids)
-                for pool in parked.values():
-                    pool[:] = [p for p in pool if p.node_id != chosen.node_id
-                               or taken.isdisjoint(p.info.gpu_uuids)]  # type: ignore[union-attr]
-            chooser.assign(chosen)
-            missing[endpoint_id] -= 1
-            commands.append(Command(node_id=chosen.node_id, endpoint_id=endpoint_id, message=StartWorker(
-                worker_id=new_id(), spec=spec, gpu_uuids=list(chosen.gpu_uuids))))
-    for endpoint_id, reason in sorted(blocked.items()):
-        unplaced.append(Unplaced(endpoint_id=endpoint_id, missing=missing[endpoint_id], reason=reason))
+            reasons.append(f"{over_quota[endpoint_id]} over its GPU quota ({spec.gpu_quota} GPUs)")
+        if endpoint_id in blocked:
+            reasons.append(blocked[endpoint_id])
+        unplaced.append(Unplaced(endpoint_id=endpoint_id, reason="; ".join(reasons),
+                                 missing=missing.get(endpoint_id, 0) * (endpoint_id in blocked)
+                                 + over_quota.get(endpoint_id, 0)))
 
     commands.extend(_prewarm(snapshot, live, parked, commands, blocked, use, new_id,
                              workers_per_cpu=workers_per_cpu))
@@ -673,6 +696,30 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
         for victim in (pool[::-1][:over] if over > 0 else ()):
             commands.append(_evict(victim, endpoint_id, "parked beyond workersMax", use))
     return Plan(commands=commands, unplaced=unplaced)
+
+
+def quota_workers(spec: EndpointSpec) -> int | None:
+    """The most workers the endpoint's GPU quota allows (None: no quota, or a CPU endpoint)."""
+    if spec.gpu_quota <= 0 or spec.gpu_count <= 0:
+        return None
+    return spec.gpu_quota // spec.gpu_count
+
+
+def _units(spec: EndpointSpec) -> int:
+    """What one worker holds of what endpoints share: its GPUs, or one worker slot."""
+    return spec.gpu_count if spec.gpu_count > 0 else 1
+
+
+def _share(spec: EndpointSpec, held: int) -> tuple[int, float, str]:
+    """The endpoint's turn: first those holding nothing (none starves, whatever the weights),
+    then the smallest weighted share once it gets one more worker."""
+    return (0 if held == 0 else 1), (held + _units(spec)) / max(1, spec.weight), spec.id
+
+
+def _resumed(commands: list[Command], endpoint_id: str, snapshot: Snapshot) -> int:
+    spec = snapshot.endpoints[endpoint_id]
+    return _units(spec) * sum(1 for c in commands
+                              if c.endpoint_id == endpoint_id and isinstance(c.message, StartWorker))
 
 
 def can_park(node: NodeStatus) -> bool:

@@ -111,7 +111,8 @@ async def test_endpoint_crud(stack: Stack) -> None:
         "id": ep, "name": "echo", "imageName": None, "command": ["python", "h.py"], "env": {"A": "***"},
         "workersMin": 0, "workersMax": 2, "idleTimeout": 5, "scalerType": "QUEUE_DELAY", "scalerValue": 4,
         "flashboot": True, "gpuCount": 0, "gpuTypeIds": [], "executionTimeoutMs": 600000,
-        "prewarmWorkers": 0, "warmWindows": [], "predictivePrewarm": False, "createdAtMs": 0, "updatedAtMs": 0,
+        "prewarmWorkers": 0, "warmWindows": [], "predictivePrewarm": False, "weight": 1, "gpuQuota": 0,
+        "createdAtMs": 0, "updatedAtMs": 0,
     }
     stored = await stack.bus.endpoints.get(ep)
     assert stored is not None and stored.value.workers_max == 2 and stored.value.env == {"A": "1"}
@@ -151,6 +152,8 @@ async def test_endpoint_crud(stack: Stack) -> None:
     ({"name": "x", "command": ["true"], "warmWindows": [{"cron": "0 9 * * *", "minutes": 5,
                                                          "timezone": "Nowhere/City"}]}, "warmWindows[0]: unknown time zone"),
     ({"name": "x", "command": ["true"], "flashboot": False, "predictivePrewarm": True}, "flashboot"),
+    ({"name": "x", "command": ["true"], "weight": 0}, "weight"),
+    ({"name": "x", "command": ["true"], "gpuCount": 2, "gpuQuota": 1}, "gpuQuota"),
 ])
 async def test_endpoint_validation_names_the_field(stack: Stack, body: dict, field: str) -> None:
     resp = await stack.http.post("/v1/endpoints", json=body)
