@@ -32,7 +32,7 @@ def campaign(seed: int, chaos_s: float, rate_per_s: float = 3.0) -> dict[str, fl
     if result.report.violations:
         print(result.logs, file=sys.stderr)
         raise SystemExit(f"chaos: violations: {result.report.violations}")
-    return {f"chaos {k}": float(v) for k, v in values.items()}
+    return {f"chaos: {k}": float(v) for k, v in values.items()}
 
 
 def run(quick: bool = False) -> dict[str, float]:

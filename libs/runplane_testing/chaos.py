@@ -271,14 +271,15 @@ def figures(result: CampaignResult) -> dict[str, float]:
         out[f"refused: {refusal}"] = n
     for kind, n in sorted(Counter(k.kind for k in result.kills).items()):
         out[f"kills: {kind}"] = n
-    for phase in ("floor", "chaos"):
+    for phase, label in (("floor", "floor (no chaos)"), ("chaos", "during chaos")):
         samples = r.latency_ms.get(phase, [])
         if samples:
-            out[f"{phase} jobs completed"] = len(samples)
-            out[f"{phase} latency p50 ms"] = pct(samples, 50)
-            out[f"{phase} latency p99 ms"] = pct(samples, 99)
-    if "floor latency p99 ms" in out and "chaos latency p99 ms" in out:
-        out["chaos/floor p99 ratio"] = out["chaos latency p99 ms"] / out["floor latency p99 ms"]
+            out[f"{label} jobs completed"] = len(samples)
+            out[f"{label} latency p50 ms"] = pct(samples, 50)
+            out[f"{label} latency p99 ms"] = pct(samples, 99)
+    floor_p99, chaos_p99 = out.get("floor (no chaos) latency p99 ms"), out.get("during chaos latency p99 ms")
+    if floor_p99 and chaos_p99:
+        out["p99 ratio chaos/floor"] = chaos_p99 / floor_p99
     out["drain s"] = result.drained_s
     return out
 
