@@ -44,8 +44,6 @@ _QUEUED: Codec[JobQueued] = Codec(JobQueued)
 # is dropped as purged.
 _MISSING_RECORD_GRACE_MS = 10_000
 _MISSING_RECORD_RETRY_S = 0.5
-# How long a claim write is retried on NATS errors (a JetStream leader election takes a few s).
-_CLAIM_RETRY_S = 15.0
 
 
 class Jobs:
@@ -236,25 +234,20 @@ class Jobs:
         # The worker already has the job: a claim given up on NATS trouble (a stream electing
         # a leader after a server died) means an execution no attempt counts, and an
         # immediate redelivery runs it again. So NATS errors are retried for a while (the
-        # message is kept alive meanwhile), conflicts re-read the record.
-        deadline = time.monotonic() + _CLAIM_RETRY_S
+        # message is kept alive meanwhile, records.WRITE_RETRY_S), conflicts re-read the record.
         try:
             for _ in range(5):
                 try:
-                    held.revision = await self._update_claim(held, revision, deadline)
+                    held.revision = await self.records.update(held.key, held.record, revision)
                 except Conflict:
                     current = await self.bus.jobs.get(held.key)
-                    if current is not None and self._our_claim(held, current.value):
-                        # Our own write landed although its answer was lost.
-                        held.record, held.revision = current.value, current.revision
-                    else:
-                        if current is None or current.value.status != "IN_QUEUE":
-                            break
-                        revision = current.revision
-                        held.record = transitions.in_progress(
-                            current.value, worker_id=held.worker.worker_id, node_id=self.settings.node_id,
-                            now_ms=held.record.started_at_ms or self.clock.now_ms())
-                        continue
+                    if current is None or current.value.status != "IN_QUEUE":
+                        break
+                    revision = current.revision
+                    held.record = transitions.in_progress(
+                        current.value, worker_id=held.worker.worker_id, node_id=self.settings.node_id,
+                        now_ms=held.record.started_at_ms or self.clock.now_ms())
+                    continue
                 held.claim.set_result(True)
                 await self.bus.publish(s.job_events(held.job_id), JobChanged(record=held.record))
                 return
@@ -270,25 +263,6 @@ class Jobs:
         if not held.claim.done():
             held.claim.set_result(False)
         self.stops.offer(held, reason)
-
-    async def _update_claim(self, held: HeldJob, revision: int, deadline: float) -> int:
-        """The claim's compare-and-set, retried on NATS errors until `deadline`."""
-        pause_s = 0.05
-        while True:
-            try:
-                return await self.bus.jobs.update(held.key, held.record, revision)
-            except Conflict:
-                raise
-            except Exception as exc:
-                if time.monotonic() + pause_s > deadline:
-                    raise
-                log.info("claim write retried", job_id=held.job_id, error=repr(exc))
-                await asyncio.sleep(pause_s)
-                pause_s = min(pause_s * 2, 1.0)
-
-    def _our_claim(self, held: HeldJob, record: JobRecord) -> bool:
-        return (record.status == "IN_PROGRESS" and record.worker_id == held.worker.worker_id
-                and record.node_id == self.settings.node_id and record.attempts == held.record.attempts)
 
     # -- what workers report ----------------------------------------------------------------
 

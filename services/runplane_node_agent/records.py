@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
+
+import structlog
 
 from runplane_bus import Bus, Conflict
 from runplane_proto import subjects as s
 from runplane_proto.jobs import JobChanged, JobRecord, WebhookDue, is_terminal
 
 Change = Callable[[JobRecord], JobRecord | None]
+log = structlog.get_logger("runplane.node_agent.records")
+
+# How long a record write is retried on NATS errors: a JetStream cluster electing a leader for
+# the bucket after a server died takes a few seconds, and giving up meanwhile turns a finished
+# job into one that runs again (the worker has nothing to retry with once its SDK gave up).
+WRITE_RETRY_S = 15.0
 
 
 class RecordWriter:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, retry_s: float = WRITE_RETRY_S) -> None:
         self.bus = bus
+        self.retry_s = retry_s
+
+    async def update(self, key: str, record: JobRecord, revision: int) -> int:
+        """Compare-and-set, retried on NATS errors (not on Conflict) for up to `retry_s`."""
+        deadline = time.monotonic() + self.retry_s
+        pause_s = 0.05
+        retried = False
+        while True:
+            try:
+                return await self.bus.jobs.update(key, record, revision)
+            except Conflict:
+                if retried:  # an earlier try may have landed with its answer lost
+                    current = await self.bus.jobs.get(key)
+                    if current is not None and current.value == record:
+                        return current.revision
+                raise
+            except Exception as exc:
+                retried = True
+                if time.monotonic() + pause_s > deadline:
+                    raise
+                log.info("record write retried", job_id=record.id, error=repr(exc))
+                await asyncio.sleep(pause_s)
+                pause_s = min(pause_s * 2, 1.0)
 
     async def cas(self, key: str, record: JobRecord, revision: int,
                    change: Change) -> tuple[JobRecord | None, int, bool]:
@@ -26,7 +59,7 @@ class RecordWriter:
             if new is None:
                 return record, revision, False
             try:
-                return new, await self.bus.jobs.update(key, new, revision), True
+                return new, await self.update(key, new, revision), True
             except Conflict:
                 current = await self.bus.jobs.get(key)
                 if current is None:

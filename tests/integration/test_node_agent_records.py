@@ -1,0 +1,60 @@
+"""A job record write waits out a NATS outage of a few seconds (a JetStream cluster electing a
+bucket leader after a server died, here a restarted server) instead of failing at once: a
+failed claim meant an execution no attempt counted, a failed result meant the job ran again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from runplane_bus import Bus, BusSettings
+from runplane_node_agent.records import RecordWriter
+from runplane_proto import subjects as s
+from runplane_proto.jobs import JobPolicy, JobRecord
+from runplane_testing.natsserver import NatsServer
+
+
+def _record() -> JobRecord:
+    return JobRecord(id="job-1", endpoint_id="ep", status="IN_QUEUE", submitted_at_ms=1,
+                     policy=JobPolicy(execution_timeout_ms=60_000, ttl_ms=600_000), input_json=b"{}")
+
+
+async def _outage(tmp_path, retry_s: float):
+    """(outcome of the write made while the server was down, the record afterwards)"""
+    server = NatsServer(store_dir=str(tmp_path / "store")).start()
+    bus = await Bus.connect(BusSettings(url=server.url, request_timeout_s=1.0))
+    try:
+        key = s.job_key("ep", "job-1")
+        revision = await bus.jobs.create(key, _record())
+        server.stop()
+        write = asyncio.create_task(RecordWriter(bus, retry_s=retry_s).update(
+            key, msgspec.structs.replace(_record(), status="IN_PROGRESS", attempts=1), revision))
+        await asyncio.wait([write], timeout=2.0)  # the outage lasts at least this long
+        server = NatsServer(port=server.port, store_dir=str(tmp_path / "store")).start()
+        outcome = await asyncio.gather(write, return_exceptions=True)
+        got = None
+        for _ in range(100):
+            try:
+                got = await bus.jobs.get(key)
+                break
+            except Exception:  # still reconnecting
+                await asyncio.sleep(0.1)
+        return outcome[0], got
+    finally:
+        await bus.close()
+        server.stop()
+
+
+async def test_a_record_write_waits_out_a_restarted_server(tmp_path):
+    outcome, got = await _outage(tmp_path, retry_s=30.0)
+    assert isinstance(outcome, int), outcome
+    assert got is not None and got.value.status == "IN_PROGRESS" and got.value.attempts == 1
+    assert got.revision == outcome
+
+
+async def test_without_retries_the_same_write_fails(tmp_path):
+    outcome, got = await _outage(tmp_path, retry_s=0.0)
+    assert isinstance(outcome, Exception) and not isinstance(outcome, pytest.fail.Exception)
+    assert got is not None and got.value.status == "IN_QUEUE"
