@@ -1,6 +1,8 @@
 """A job record write waits out a NATS outage of a few seconds (a JetStream cluster electing a
 bucket leader after a server died, here a restarted server) instead of failing at once: a
-failed claim meant an execution no attempt counted, a failed result meant the job ran again."""
+failed claim meant an execution no attempt counted, a failed result meant the job ran again.
+A write that landed while its answer was lost (nats-py sends what it buffered once it has
+reconnected) is recognised as done rather than read as a conflict."""
 
 from __future__ import annotations
 
