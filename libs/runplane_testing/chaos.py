@@ -152,6 +152,7 @@ async def _campaign(d: Deployment, settings: CampaignSettings) -> CampaignResult
         await load.run_for(settings.floor_s, "floor")
     driver = ChaosDriver(d, settings.seed, interval_s=settings.interval_s, down_s=settings.down_s)
     stop = asyncio.Event()
+    started_at_ms = int(time.time() * 1000)
     chaos = asyncio.create_task(driver.run(stop))
     try:
         await load.run_for(settings.chaos_s, "chaos")
@@ -163,6 +164,9 @@ async def _campaign(d: Deployment, settings: CampaignSettings) -> CampaignResult
     drain_started = time.monotonic()
     records = await _wait_terminal(d, endpoints, load, settings.drain_timeout_s)
     drained_s = time.monotonic() - drain_started
+    _write_jobs(d.workdir / "jobs.tsv", load, records, started_at_ms)
+    (d.workdir / "kills.tsv").write_text("".join(f"{k.at_s}\t{k.kind}\t{k.victim}\t{k.down_s}\n"
+                                                 for k in driver.kills))
     report = account(load.accepted, load.maybe_tokens, records, _executions(executions_path), load.deliveries,
                      frozenset(load.refused_tokens))
     return CampaignResult(report=report, kills=driver.kills, load=load, workdir=d.workdir,
@@ -237,6 +241,19 @@ async def _wait_terminal(d: Deployment, endpoints: dict[str, str], load: Load,
         elif time.monotonic() > deadline:
             raise TimeoutError("job records could not be read after the chaos")
         await asyncio.sleep(1.0)
+
+
+def _write_jobs(path: Path, load: Load, records: dict[str, Final], chaos_started_at_ms: int) -> None:
+    """One line per job for a look afterwards: seconds since the chaos began at submit, kind,
+    phase, status, attempts, submit-to-end ms, id (kills.tsv has the kills on the same clock)."""
+    lines = []
+    for job_id, final in sorted(records.items(), key=lambda item: item[1].submitted_at_ms):
+        sub = load.accepted.get(job_id)
+        ended = final.completed_at_ms - final.submitted_at_ms if final.completed_at_ms else ""
+        at_s = (final.submitted_at_ms - chaos_started_at_ms) / 1000
+        lines.append(f"{at_s:.1f}\t{sub.kind if sub else '?'}\t{sub.phase if sub else '?'}\t{final.status}\t"
+                     f"{final.attempts}\t{ended}\t{job_id}\n")
+    path.write_text("".join(lines))
 
 
 def _executions(path: Path) -> Counter[str]:
