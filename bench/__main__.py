@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 BENCHES = {"dispatch": "bench.dispatch", "scale": "bench.scale", "coldstart": "bench.coldstart",
-           "chaos": "bench.chaos", "overload": "bench.overload"}
+           "chaos": "bench.chaos", "overload": "bench.overload", "contention": "bench.contention"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -38,9 +38,12 @@ def node_name(index: int) -> str:
     return f"sim{index:05d}"
 
 
+OFFSET = 0  # --offset: a second fleet's nodes get other names
+
+
 class SimNode:
     def __init__(self, index: int, started_ms: int) -> None:
-        self.node_id = node_name(index)
+        self.node_id = node_name(OFFSET + index)
         name = GPU_NAMES[index % 2]
         self.gpus = [GpuInfo(index=i, uuid=f"GPU-5e3d{index:05d}-{i:04d}", name=name, memory_total_mb=81559)
                      for i in range(8)]
@@ -89,9 +92,12 @@ class Fleet:
                 worker_id=command.worker_id, endpoint_id=command.spec.id, state="idle", started_at_ms=t,
                 idle_since_ms=t, gpu_uuids=command.gpu_uuids))
             self.events.write(json.dumps({"t_ms": t, "node": node.node_id, "endpoint": command.spec.id,
-                                          "worker": command.worker_id}) + "\n")
+                                          "worker": command.worker_id, "kind": "start"}) + "\n")
         else:
-            node.workers.pop(command.worker_id, None)
+            gone = node.workers.pop(command.worker_id, None)
+            if gone is not None:
+                self.events.write(json.dumps({"t_ms": t, "node": node.node_id, "endpoint": gone.endpoint_id,
+                                              "worker": command.worker_id, "kind": "stop"}) + "\n")
         node.layout_version += 1
         self.dirty.add(index)
         await msg.respond(OK)
@@ -128,10 +134,15 @@ async def main() -> int:
     parser.add_argument("--heartbeat-s", type=float, default=1.0)
     parser.add_argument("--flush-ms", type=int, default=20)
     parser.add_argument("--events", required=True)
+    parser.add_argument("--offset", type=int, default=0, help="number the nodes from here")
     args = parser.parse_args()
+    global OFFSET
+    OFFSET = args.offset
     bus = await Bus.connect(BusSettings(url=args.nats, name="sim-fleet"))
     fleet = Fleet(bus, args.nodes, args.heartbeat_s, args.flush_ms, args.events)
     await fleet.start()
+    fleet.events.write(json.dumps({"t_ms": now_ms(), "kind": "ready", "nodes": args.nodes,
+                                   "offset": args.offset}) + "\n")
     tasks = [asyncio.create_task(fleet.heartbeats()), asyncio.create_task(fleet.flushes())]
     print(f"fleet ready: {args.nodes} nodes", flush=True)
     stop = asyncio.Event()

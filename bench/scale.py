@@ -264,7 +264,7 @@ def simulated_fleet(nodes: int, workers: int, probes: int) -> dict[str, float]:
             def placed() -> bool:
                 for line in events.read_text().splitlines():
                     event = json.loads(line)
-                    if event["endpoint"] in decided:
+                    if event.get("endpoint") in decided and event.get("kind") == "start":
                         arrived.setdefault(event["endpoint"], event["t_ms"])
                 return len(arrived) == len(decided)
 

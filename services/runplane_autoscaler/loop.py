@@ -20,6 +20,7 @@ from runplane_bus.leases import LeaseKeeper
 from runplane_bus.mirror import Mirror
 from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.gpus import fleet_capacity
 from runplane_proto.nodes import NodeStatus
 from runplane_proto.scaling import PlacementStatus, ScaleTarget
 from runplane_service.control import every
@@ -104,6 +105,21 @@ class Autoscaler:
         for endpoint_id, exc in errors.items():
             ERRORS.labels(step="sample").inc()
             log.warning("could not sample endpoint", endpoint_id=endpoint_id, error=repr(exc))
+        shapes: dict[tuple[int, tuple[str, ...]], int] = {}
+        loss_ms = int(self.settings.node_loss_timeout_s * 1000)
+
+        def alive_nodes() -> list[NodeStatus]:
+            return [n for n in (nodes or ()) if now_ms - n.heartbeat_at_ms <= loss_ms]
+
+        def capacity(spec: EndpointSpec, alive: Callable[[], list[NodeStatus]]) -> int:
+            """Per shape, once a round, only for endpoints that wait for capacity."""
+            if spec.gpu_count <= 0 or nodes is None:
+                return -1
+            key = (spec.gpu_count, tuple(spec.gpu_type_ids))
+            if key not in shapes:
+                shapes[key] = fleet_capacity(alive(), spec.gpu_count, spec.gpu_type_ids)
+            return shapes[key]
+
         for endpoint_id, spec in specs.items():
             if endpoint_id not in signals:
                 continue
@@ -111,7 +127,8 @@ class Autoscaler:
             pending = self._mirrors[2].get(subjects.placement_key(endpoint_id)) if self._mirrors else None
             if pending is not None and pending.endpoint_id == endpoint_id and pending.pending_workers > 0:
                 s = msgspec.structs.replace(s, pending_workers=pending.pending_workers,
-                                            pending_reason=pending.reason)
+                                            pending_reason=pending.reason,
+                                            capacity_workers=capacity(spec, alive_nodes))
             QUEUED.labels(endpoint=endpoint_id).set(s.in_queue)
             IN_PROGRESS.labels(endpoint=endpoint_id).set(s.in_progress)
             OLDEST_AGE.labels(endpoint=endpoint_id).set(s.oldest_queued_age_ms / 1000)

@@ -19,8 +19,10 @@ The rules (RunPod's endpoint settings, with hysteresis so a steady load gives a 
   more in open warm windows, and ahead of recurring daily load (prewarm.py); the scheduler
   places them (parked from the start) and they never count as workers here;
 * capacity-aware: while the scheduler reports workers of the endpoint that no node can take
-  (KV `rp-placement`), the count is not raised further (`throttled` says why); once they
-  are placed it scales up again at the next decision;
+  (KV `rp-placement`), the target says so (`throttled`, with the reason) and a GPU endpoint
+  never asks for more workers than the whole fleet could hold of its shape; nothing is
+  started or stopped for them meanwhile, and the count follows the demand again as soon as
+  capacity appears;
 * low-priority jobs (`policy.lowPriority`) never add a worker: only normal jobs count
   toward the demand. They run on workers that exist anyway; while there are any, the
   last worker is kept (its idle window restarts) as for any other work.
@@ -58,6 +60,9 @@ class Signals(msgspec.Struct, frozen=True, kw_only=True):
     # Workers the scheduler could not place for want of capacity (KV `rp-placement`), and why.
     pending_workers: int = 0
     pending_reason: str = ""
+    # GPU endpoints: the most workers of the endpoint's shape the whole fleet could hold
+    # (-1: not known, or a CPU endpoint).
+    capacity_workers: int = -1
 
 
 class QueueCounts(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,13 +194,16 @@ def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
     idle_ms = max(0, spec.idle_timeout_s) * 1000
 
     throttled = ""
-    if need > current and signals.pending_workers > 0:
-        # No capacity for the workers already wanted: asking for more would change nothing
-        # but the count; hold, and scale up again as soon as they are placed.
-        desired = current
+    if signals.pending_workers > 0:
+        # Workers already wanted find no capacity: never ask for more than the whole fleet
+        # could hold for this endpoint (its real demand within that stays, so contended
+        # capacity is divided by what each endpoint really wants); scaling on resumes at
+        # the next decision once capacity appears.
         throttled = f"{signals.pending_workers} workers wait for capacity: {signals.pending_reason}"
-        reason = f"throttled ({throttled}): {why}"
-    elif need > current:
+        if signals.capacity_workers >= 0 and need > max(current, signals.capacity_workers):
+            need = max(current, signals.capacity_workers)
+            why = f"{why}; the fleet holds at most {signals.capacity_workers} such workers"
+    if need > current:
         desired = clamp(spec, need)
         reason = f"scale up: {why}" if desired > current else f"at workersMax: {why}"
     elif need == current:
@@ -213,6 +221,8 @@ def decide(spec: EndpointSpec, signals: Signals, state: ScaleState | None,
             reason = f"hold: {signals.workers_busy} workers busy; {why}"
         else:
             reason = f"at workersMin: {why}"
+    if throttled:
+        reason = f"throttled ({throttled}); {reason}"
     if desired > current:
         last_up = now_ms
     # Learn the daily load (flash endpoints: only they can be pre-warmed), then pre-warm.

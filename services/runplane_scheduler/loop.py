@@ -72,8 +72,15 @@ class Scheduler:
                     new and (new.desired_workers, new.prewarm_workers)):
                 wake.set()
 
+        def node_changed(_: str, old: NodeStatus | None, new: NodeStatus | None) -> None:
+            # Workers wait for capacity: a node that joins, leaves or changes its workers
+            # (not a mere heartbeat) may have freed some; decide at once.
+            if self._unplaced and (old is None or new is None or not new.layout_version
+                                   or old.layout_version != new.layout_version):
+                wake.set()
+
         self._mirrors = (
-            Mirror(self.bus.nodes),
+            Mirror(self.bus.nodes, on_change=node_changed),
             Mirror(self.bus.endpoints, on_change=lambda *_: wake.set()),
             Mirror(self.bus.scale, on_change=count_changed),
         )

@@ -41,10 +41,8 @@ back for a while (`Snapshot.prewarm_hold`), so a full pool never causes a start/
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +50,7 @@ from typing import Any
 import msgspec
 
 from runplane_proto.endpoints import EndpointSpec, launch_key
+from runplane_proto.gpus import gpu_matches, normalised as _norm
 from runplane_proto.ids import new_worker_id
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
@@ -331,24 +330,6 @@ class Option:
     free_after: int
     # Parked workers (of other endpoints) the node evicts to free these GPUs.
     evicts: int = 0
-
-
-def _tokens(name: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", name.lower())
-
-
-@functools.lru_cache(maxsize=4096)
-def _norm(name: str) -> str:
-    return " ".join(_tokens(name))
-
-
-@functools.lru_cache(maxsize=4096)
-def gpu_matches(type_id: str, gpu_name: str) -> bool:
-    """A GPU type id names a GPU when its words appear in the GPU's name, in order and
-    whole (`H100` and `NVIDIA H100 80GB HBM3` match; `A10` and `NVIDIA A100` do not),
-    ignoring case and punctuation."""
-    wanted, name = _tokens(type_id), _tokens(gpu_name)
-    return bool(wanted) and any(name[i:i + len(wanted)] == wanted for i in range(len(name) - len(wanted) + 1))
 
 
 def _pick_gpus(spec: EndpointSpec, groups: dict[str, list[GpuInfo]]) -> tuple[int, tuple[str, ...]] | None:
@@ -681,6 +662,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
 
     commands.extend(_prewarm(snapshot, live, parked, commands, blocked, use, new_id,
                              workers_per_cpu=workers_per_cpu))
+    commands.extend(_rebalance(snapshot, live, blocked, use))
 
     # Live and parked together stay within workersMax (a parked worker wakes by itself for a
     # job): the least recently used parked workers beyond it are evicted.
@@ -758,3 +740,66 @@ def _prewarm(snapshot: Snapshot, live: dict[str, list[Live]], parked: dict[str, 
             commands.append(Command(node_id=chosen.node_id, endpoint_id=endpoint_id, message=StartWorker(
                 worker_id=new_id(), spec=spec, gpu_uuids=list(chosen.gpu_uuids), park=True)))
     return commands
+
+
+# -- fair share over time: retiring idle workers of endpoints above their share -------------------
+
+
+def _rebalance(snapshot: Snapshot, live: dict[str, list[Live]], blocked: dict[str, str],
+               use: dict[str, NodeUse]) -> list[Command]:
+    """GPUs that came to endpoints before others asked (placing never preempts) are divided
+    by weight over time. For a GPU endpoint that finds no capacity, one idle worker is
+    stopped of the endpoint whose weighted share would still be at least the hungry one's
+    after the move ((held - 1 worker) / weight >= (hungry's held + 1 worker) / its weight; an
+    endpoint holding nothing always qualifies, a donor keeps one worker), on a node where
+    that frees GPUs the hungry endpoint can use; the next round gives them to it (it has the
+    smaller share). The condition cannot hold the other way round after the move, so nothing
+    ping-pongs; idle workers only and one stop per donor in flight, so no job is interrupted."""
+    specs = {ep: spec for ep, spec in snapshot.endpoints.items() if spec.gpu_count > 0}
+    hungry = [ep for ep in blocked if ep in specs]
+    if not hungry:
+        return []
+    unit = {ep: spec.gpu_count for ep, spec in specs.items()}
+    weight = {ep: max(1, spec.weight) for ep, spec in specs.items()}
+    held = {ep: len(live.get(ep, ())) * unit[ep] for ep in specs}
+    stopping = {p.endpoint_id for p in snapshot.pending_stops}
+    commands: list[Command] = []
+    for ep in sorted(hungry, key=lambda e: (held[e] > 0, held[e] / weight[e], e)):
+        after = (held[ep] + unit[ep]) / weight[ep]
+
+        def gives(d: str) -> bool:
+            if d == ep or d in stopping or held[d] < 2 * unit[d]:
+                return False
+            return held[ep] == 0 or (held[d] - unit[d]) / weight[d] >= after
+
+        donors = sorted((d for d in specs if gives(d)),
+                        key=lambda d: (-(held[d] - unit[d]) / weight[d], d))
+        for donor in donors:
+            victim = _freeing_worker(specs[ep], live.get(donor, []), use)
+            if victim is None:
+                continue
+            commands.append(Command(node_id=victim.node_id, endpoint_id=donor, message=StopWorker(
+                worker_id=victim.worker_id, only_if_idle=True,
+                reason=f"fair share: {donor} holds {held[donor]} GPUs (weight {weight[donor]}), "
+                       f"{ep} waits with {held[ep]} (weight {weight[ep]})")))
+            stopping.add(donor)
+            held[donor] -= unit[donor]
+            break
+    return commands
+
+
+def _freeing_worker(hungry: EndpointSpec, workers: list[Live], use: dict[str, NodeUse]) -> Live | None:
+    """An idle worker whose GPUs, with the free ones on its node, would fit one worker of
+    `hungry` (the longest idle first)."""
+    for worker in _idle_first(workers):
+        u = use.get(worker.node_id)
+        if u is None or u.node.draining:
+            continue
+        freed = set(worker.info.gpu_uuids)  # type: ignore[union-attr]
+        usable = [g for g in u.node.gpus if g.uuid in freed or g.uuid not in u.used_gpus]
+        groups: dict[str, list[GpuInfo]] = {}
+        for g in sorted(usable, key=lambda g: (g.index, g.uuid)):
+            groups.setdefault(_norm(g.name), []).append(g)
+        if freed and _pick_gpus(hungry, groups) is not None:
+            return worker
+    return None

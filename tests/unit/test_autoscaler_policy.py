@@ -330,13 +330,19 @@ def test_the_target_carries_the_prewarm_count_whatever_the_worker_count(kw, expe
     assert idle_target.desired_workers == 0  # pre-warmed workers are not workers
 
 
-def test_with_workers_waiting_for_capacity_the_count_is_held_and_resumes_once_they_are_placed():
-    waiting = Signals(in_queue=10, pending_workers=2, pending_reason="no node has 1 free GPU(s) of ['H100']")
-    target, held = decide(spec(workers_max=8), waiting, state(3), NOW)
-    assert target.desired_workers == 3 and "H100" in target.throttled and target.reason.startswith("throttled")
-    target, _ = decide(spec(workers_max=8), Signals(in_queue=10), held, NOW + 500)
-    assert target.desired_workers == 8 and target.throttled == ""  # capacity came: at once
+def test_waiting_for_capacity_is_reported_and_never_asks_beyond_what_the_fleet_holds():
+    reason = "no node has 1 free GPU(s) of ['H100']"
+    waiting = Signals(in_queue=20, pending_workers=2, pending_reason=reason, capacity_workers=6)
+    target, held = decide(spec(workers_max=50), waiting, state(3), NOW)
+    assert target.desired_workers == 6 and "H100" in target.throttled and target.reason.startswith("throttled")
+    assert "the fleet holds at most 6" in target.reason
+    # What is already wanted is not taken back; a fleet with none of the GPUs adds none.
+    target, _ = decide(spec(workers_max=50), msgspec.structs.replace(waiting, capacity_workers=0), state(3), NOW)
+    assert target.desired_workers == 3
+    # Capacity came (nothing pending): the demand counts again at once.
+    target, _ = decide(spec(workers_max=50), Signals(in_queue=20), held, NOW + 500)
+    assert target.desired_workers == 20 and target.throttled == ""
     # Scaling down is not held: surplus past the idle timeout still goes.
     quiet = Signals(pending_workers=1, pending_reason="x")
     target, _ = decide(spec(idle_timeout_s=1), quiet, state(3, needed=NOW - 5000, active=NOW - 5000), NOW)
-    assert target.desired_workers == 2 and target.throttled == ""
+    assert target.desired_workers == 2 and target.throttled.startswith("1 workers wait")

@@ -388,3 +388,15 @@ def test_a_heartbeat_with_the_same_layout_version_reuses_the_view_and_a_new_vers
     # A restarted agent counts from 1 again: its start time tells the layouts apart.
     restarted = msgspec.structs.replace(changed, workers=[], layout_version=4, started_at_ms=NOW + 5)
     assert views.of(restarted).workers == []
+
+
+def test_fleet_capacity_counts_whole_workers_of_one_model_on_nodes_that_take_work():
+    from runplane_proto.gpus import fleet_capacity
+    h100 = [gpu(i, "NVIDIA H100 80GB HBM3", "a") for i in range(5)]
+    mixed = [gpu(0, "NVIDIA H100 80GB HBM3", "b"), gpu(1, "NVIDIA A100-SXM4-80GB", "b"),
+             gpu(2, "NVIDIA A100-SXM4-80GB", "b")]
+    nodes = [node("a", gpus=h100), node("b", gpus=mixed), node("d", gpus=h100, draining=True), node("c")]
+    assert fleet_capacity(nodes, 1, ["H100"]) == 6
+    assert fleet_capacity(nodes, 2, ["H100"]) == 2  # 5 // 2 on a, 1 // 2 on b
+    assert fleet_capacity(nodes, 2, []) == 3  # any model, but one model per worker
+    assert fleet_capacity(nodes, 1, ["L40S"]) == 0

@@ -8,7 +8,8 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runplane_proto.nodes import GpuInfo, StartWorker, WorkerInfo
+from runplane_proto.nodes import GpuInfo, StartWorker, StopWorker, WorkerInfo
+from runplane_scheduler.cluster import PendingStop
 from runplane_scheduler.placement import place
 
 from placement_fixtures import NOW, ep, ids, node, snap
@@ -76,3 +77,69 @@ def test_under_contention_every_share_is_within_one_worker_of_its_weighted_part(
         for b in endpoints:
             if got[a.id] > 1:
                 assert got[a.id] / a.weight <= (got[b.id] + 1) / b.weight, (got, weights, total)
+
+
+# -- fair share over time: idle workers of endpoints above their share give way --------------------
+
+
+def idle(worker_id: str, endpoint_id: str, gpu: str, busy: bool = False) -> WorkerInfo:
+    return WorkerInfo(worker_id=worker_id, endpoint_id=endpoint_id, state="running" if busy else "idle",
+                      started_at_ms=NOW - 1000, idle_since_ms=NOW - 1000, jobs=["j"] if busy else [],
+                      gpu_uuids=[gpu])
+
+
+def stops(plan) -> list[str]:
+    return [c.message.worker_id for c in plan.commands if isinstance(c.message, StopWorker)]
+
+
+def test_an_endpoint_that_came_late_gets_its_share_from_idle_workers_of_one_above_it():
+    workers = [idle(f"a{i}", "a", f"GPU-n1-{i}") for i in range(8)]
+    nodes = [node("n1", gpus=gpus("n1", 8), workers=workers)]
+    endpoints = [ep("a", gpu_count=1, workers_max=8), ep("b", gpu_count=1, workers_max=8)]
+    plan = place(snap(nodes, endpoints, {"a": 8, "b": 4}), NOW, ids())
+    assert len(stops(plan)) == 1 and stops(plan)[0].startswith("a")
+    [stop] = [c for c in plan.commands if isinstance(c.message, StopWorker)]
+    assert stop.message.only_if_idle and "fair share" in stop.message.reason
+    # Busy workers are never stopped for it; nor is a second stop sent while one is in flight.
+    busy = [node("n1", gpus=gpus("n1", 8), workers=[idle(f"a{i}", "a", f"GPU-n1-{i}", busy=True) for i in range(8)])]
+    assert stops(place(snap(busy, endpoints, {"a": 8, "b": 4}), NOW, ids())) == []
+    in_flight = snap(nodes, endpoints, {"a": 8, "b": 4}, pending_stops=[
+        PendingStop(worker_id="a0", endpoint_id="a", node_id="n1")])
+    assert stops(place(in_flight, NOW, ids())) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=5), min_size=2, max_size=4),
+       st.lists(st.integers(min_value=1, max_value=12), min_size=4, max_size=4))
+def test_rounds_converge_to_the_weighted_parts_and_then_change_nothing(weights, wanted):
+    """Endpoints arrive one after another on a full pool; rounds apply each plan (stops take
+    effect, starts become idle workers) until nothing changes (no further round starts or
+    stops anything): then the pool is used, none starves, and no endpoint holds more than
+    one worker beyond the weighted share of one that still wants more."""
+    pool = 12
+    endpoints = [ep(f"e{i}", gpu_count=1, weight=w, workers_max=12) for i, w in enumerate(weights)]
+    targets = {e.id: wanted[i] for i, e in enumerate(endpoints)}
+    workers: dict[str, WorkerInfo] = {}
+    new_id = ids()
+    for arrived in range(1, len(endpoints) + 1):
+        for _ in range(30):
+            n = node("n1", gpus=gpus("n1", pool), workers=list(workers.values()))
+            plan = place(snap([n], endpoints[:arrived], {e.id: targets[e.id] for e in endpoints[:arrived]}),
+                         NOW, new_id)
+            if not plan.commands:
+                break
+            for c in plan.commands:
+                if isinstance(c.message, StopWorker):
+                    workers.pop(c.message.worker_id, None)
+                else:
+                    workers[c.message.worker_id] = idle(c.message.worker_id, c.endpoint_id, c.message.gpu_uuids[0])
+        else:
+            raise AssertionError(f"no steady state: {plan.commands}")
+    held = Counter(w.endpoint_id for w in workers.values())
+    assert sum(held.values()) == min(pool, sum(targets.values()))  # the pool is used
+    for a in endpoints:
+        assert held[a.id] >= min(1, targets[a.id])  # none starves
+        for b in endpoints:
+            if held[b.id] < targets[b.id] and held[a.id] >= 2:
+                # b still wants more: a holds at most one worker beyond b's weighted share.
+                assert (held[a.id] - 1) / a.weight < (held[b.id] + 1) / b.weight, (held, targets, weights)

@@ -284,6 +284,15 @@ def test_stops_and_counts_with_parked_workers(snapshot):
     plan = place(snapshot, NOW, ids())
     reported = _reported(snapshot)
     live = live_workers(snapshot)
+    unplaced = {u.endpoint_id for u in plan.unplaced}
+    # Fair share: an idle worker of one GPU endpoint may give way to another that finds no
+    # capacity (test_placement_fair_share.py); such stops are checked here, then set aside.
+    fair = [c for c in plan.commands if isinstance(c.message, StopWorker) and c.message.reason.startswith("fair share")]
+    for command in fair:
+        info = reported[command.message.worker_id][1]
+        assert info.state == "idle" and not info.jobs and command.message.only_if_idle
+        assert any(snapshot.endpoints[e].gpu_count > 0 for e in unplaced if e in snapshot.endpoints)
+    plan = msgspec.structs.replace(plan, commands=[c for c in plan.commands if c not in fair])
     for command in plan.commands:
         message = command.message
         if isinstance(message, StopWorker):
@@ -294,7 +303,6 @@ def test_stops_and_counts_with_parked_workers(snapshot):
             else:  # a surplus idle worker, parked by the node if its endpoint is a flash one
                 assert info.state == "idle" and not info.jobs
                 assert message.park == (spec is not None and spec.flashboot)
-    unplaced = {u.endpoint_id for u in plan.unplaced}
     for spec in snapshot.endpoints.values():
         want = desired_workers(spec, snapshot.targets.get(spec.id))
         mine = [c.message for c in plan.commands if c.endpoint_id == spec.id]
