@@ -61,9 +61,9 @@ def _settled(events: Path, quiet_s: float, timeout_s: float) -> float:
     return wait_until(quiet, timeout_s=timeout_s, interval_s=0.5, what="placement settled")
 
 
-def run(quick: bool = False) -> dict[str, float]:
-    nodes = 10 if quick else 25
-    window_s = 20 if quick else 60
+def run(quick: bool = False, *, nodes: int | None = None, window_s: float | None = None) -> dict[str, float]:
+    nodes = nodes or (10 if quick else 25)
+    window_s = window_s or (20 if quick else 60)
     pool = nodes * GPUS_PER_NODE
     env = {"RP_LOG_LEVEL": "WARNING", "RP_RATE_LIMITS": "0", "RP_NODE_LOSS_TIMEOUT_S": "30"}
     events = Path(tempfile.mkdtemp(prefix="rp-contention-")) / "events.jsonl"
