@@ -35,7 +35,7 @@ API = "$JS.API"
 
 STREAMS = (s.STREAM_JOBS, s.STREAM_CHUNKS, s.STREAM_WEBHOOKS, s.STREAM_JOB_ENDS)
 BUCKETS = (s.KV_JOBS, s.KV_ENDPOINTS, s.KV_NODES, s.KV_SCALE, s.KV_PLACEMENT, s.KV_LEASES, s.KV_CURSORS,
-           s.KV_API_KEYS)
+           s.KV_API_KEYS, s.KV_DEAD_LETTERS, s.KV_IDEMPOTENCY)
 
 
 def kv_stream(bucket: str) -> str:
@@ -85,6 +85,8 @@ JETSTREAM: dict[str, tuple[Grant, ...]] = {
         Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_JOBS)}.*",),
               "lists an endpoint's jobs page by page (a pull consumer of rp-jobs)"),
         Grant(tuple(read_messages(s.STREAM_CHUNKS)), "/stream reads a job's chunks by sequence"),
+        Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_DEAD_LETTERS)}.*",),
+              "lists an endpoint's dead letters page by page (a pull consumer of rp-dead-letters)"),
         Grant(tuple(read_messages(OBJ_STREAM) + watch(OBJ_STREAM) + purge(OBJ_STREAM))
               + (f"$O.{s.OBJ_PAYLOADS}.>",), "saves inputs, reads outputs, deletes both"),
     ),

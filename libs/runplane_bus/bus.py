@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from runplane_bus.records import TypedKV
 from runplane_bus.topology import delete_job_consumer, ensure_job_consumer, ensure_topology
 from runplane_proto import subjects as s
 from runplane_proto.codec import Codec, DecodeError, encode
+from runplane_proto.dead_letters import DeadLetter, dead_letter_of, is_dead
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.jobs import JobEnded, JobOutcome, JobRecord, outcome_of
 from runplane_proto.leases import Lease
@@ -32,6 +34,9 @@ log = structlog.get_logger("runplane.bus")
 DROPPED = Counter("rp_bus_dropped_messages_total", "Messages that failed to decode and were dropped",
                   ["subject"])
 
+
+DEAD_LETTERS_LOST = Counter("rp_bus_dead_letters_lost_total",
+                            "FAILED / TIMED_OUT jobs whose dead letter could not be written")
 
 # How long close() lets in-flight messages finish before closing anyway.
 DRAIN_TIMEOUT_S = 2.0
@@ -50,6 +55,8 @@ class BusSettings(msgspec.Struct, frozen=True, kw_only=True):
     # server's permissions keep one service from reading another's replies.
     inbox_prefix: str = "_INBOX"
     request_timeout_s: float = 5.0
+    # How long a dead letter (a FAILED / TIMED_OUT job) is kept: the TTL its writer gives it.
+    dead_letter_retention_s: float = 7 * 86_400.0
 
 
 class Bus:
@@ -65,6 +72,7 @@ class Bus:
         self.scale: TypedKV[ScaleTarget]
         self.leases: TypedKV[Lease]
         self.placement: TypedKV[PlacementStatus]
+        self.dead_letters: TypedKV[DeadLetter]
         self.payloads: Payloads
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -114,6 +122,7 @@ class Bus:
         self.scale = TypedKV(await self.js.key_value(s.KV_SCALE), ScaleTarget)
         self.leases = TypedKV(await self.js.key_value(s.KV_LEASES), Lease)
         self.placement = TypedKV(await self.js.key_value(s.KV_PLACEMENT), PlacementStatus)
+        self.dead_letters = TypedKV(await self.js.key_value(s.KV_DEAD_LETTERS), DeadLetter)
         self.payloads = Payloads(await self.js.object_store(s.OBJ_PAYLOADS))
 
     async def close(self) -> None:
@@ -155,6 +164,22 @@ class Bus:
             s.job_ended(record.endpoint_id, outcome),
             encode(JobEnded(job_id=record.id, endpoint_id=record.endpoint_id, outcome=outcome)),
             headers={"Nats-Msg-Id": f"{record.id}:{record.retries}:{outcome}"})
+        if outcome == "failed" and is_dead(record.status):
+            await self.add_dead_letter(record)
+
+    async def add_dead_letter(self, record: JobRecord) -> None:
+        """Keep a job that just became FAILED / TIMED_OUT in KV `rp-dead-letters` (per-entry
+        TTL: the retention). Every writer of such a record comes through here (via
+        count_job_end), so this is the one place dead letters are made. A failed write is
+        logged, never raised: the job's own end is written already."""
+        try:
+            letter = dead_letter_of(record, now_ms=int(time.time() * 1000))
+            await self.dead_letters.put(s.dead_letter_key(record.endpoint_id, record.id), letter,
+                                        ttl_s=self.settings.dead_letter_retention_s)
+        except Exception as exc:
+            DEAD_LETTERS_LOST.inc()
+            log.warning("dead letter not written", job_id=record.id, endpoint_id=record.endpoint_id,
+                        error=repr(exc))
 
     async def request(self, subject: str, msg: Any, reply: Codec[T], timeout_s: float = 5.0) -> T:
         resp = await self.nc.request(subject, encode(msg), timeout=timeout_s)

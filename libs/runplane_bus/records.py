@@ -73,20 +73,29 @@ class TypedKV(Generic[T]):
             return entry.revision
         return None
 
-    async def put(self, key: str, value: T) -> int:
-        return await self.kv.put(key, encode(value))
+    async def put(self, key: str, value: T, *, ttl_s: float | None = None) -> int:
+        """Write unconditionally; with `ttl_s` the entry expires on its own (a per-message TTL:
+        NATS >= 2.11, a bucket made with message TTLs allowed, as nats-py makes them)."""
+        if ttl_s is None:
+            return await self.kv.put(key, encode(value))
+        ack = await self.kv._js.publish(f"{self.kv._pre}{key}", encode(value), msg_ttl=_ttl(ttl_s))
+        return ack.seq
 
-    async def create(self, key: str, value: T) -> int:
+    async def create(self, key: str, value: T, *, ttl_s: float | None = None) -> int:
         """Write only if the key does not exist; raise Conflict otherwise."""
         try:
-            return await self.kv.create(key, encode(value))
+            return await self.kv.create(key, encode(value),
+                                        msg_ttl=None if ttl_s is None else _ttl(ttl_s))
         except KeyWrongLastSequenceError as exc:
             raise Conflict(key) from exc
 
-    async def update(self, key: str, value: T, revision: int) -> int:
-        """Write only if the key is still at `revision`; raise Conflict otherwise."""
+    async def update(self, key: str, value: T, revision: int, *, ttl_s: float | None = None) -> int:
+        """Write only if the key is still at `revision`; raise Conflict otherwise. An entry
+        written with a TTL must be updated with one too, or the new value never expires."""
         try:
-            return await self.kv.update(key, encode(value), last=revision)
+            if ttl_s is None:
+                return await self.kv.update(key, encode(value), last=revision)
+            return await self.kv._update(key, encode(value), last=revision, msg_ttl=_ttl(ttl_s))
         except KeyWrongLastSequenceError as exc:
             raise Conflict(key) from exc
 
@@ -212,6 +221,11 @@ class TypedKV(Generic[T]):
 _SCAN_POLL_S = 1.0
 # How long a page fetch waits when the consumer has nothing (an empty bucket or pattern).
 _PAGE_WAIT_S = 0.5
+
+
+def _ttl(ttl_s: float) -> int:
+    """A per-message TTL in whole seconds (the header's unit), at least 1."""
+    return max(1, int(ttl_s))
 
 
 async def _caught_up(watcher: Any, received: int, *, quiet: bool) -> bool:

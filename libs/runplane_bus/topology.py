@@ -44,6 +44,9 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
         (s.KV_LEASES, 1, None),
         (s.KV_CURSORS, 1, DAY_S),
         (s.KV_API_KEYS, 1, None),
+        # Entries carry their own TTL (dead-letter retention, idempotency window).
+        (s.KV_DEAD_LETTERS, 1, None),
+        (s.KV_IDEMPOTENCY, 1, None),
     ):
         await _bucket(js, api.KeyValueConfig(
             bucket=bucket, history=history, ttl=ttl, direct=True, replicas=replicas,

@@ -64,7 +64,16 @@ def bus_settings(service: str):
         token=_secret("RP_NATS_TOKEN"),
         # A user's replies arrive under its own prefix, the only inboxes it may read.
         inbox_prefix=env_str("RP_NATS_INBOX_PREFIX", f"_INBOX.{user}" if user else "_INBOX"),
+        dead_letter_retention_s=_dead_letter_retention_s(),
     )
+
+
+def _dead_letter_retention_s() -> float:
+    """RP_DEAD_LETTER_RETENTION_S, read by every service that may write a dead letter."""
+    value = env_float("RP_DEAD_LETTER_RETENTION_S", 7 * 86_400.0)
+    if not 1 <= value <= 365 * 86_400:
+        raise SettingsError(f"RP_DEAD_LETTER_RETENTION_S must be 1 s to 365 days, got {value}")
+    return value
 
 
 def _secret(name: str) -> str | None:

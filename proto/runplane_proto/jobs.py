@@ -31,6 +31,22 @@ class JobPolicy(msgspec.Struct, frozen=True, kw_only=True):
     low_priority: bool = False
 
 
+class JobAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One run of a job that ended: on which worker and node, and how (`error` None: it
+    completed). Kept on the record (`attempt_log`) so a dead letter can show every attempt."""
+
+    number: int
+    worker_id: WorkerId | None = None
+    node_id: NodeId | None = None
+    started_at_ms: int | None = None
+    ended_at_ms: int | None = None
+    error: str | None = None
+
+
+# The attempt log keeps the newest this many attempts (across /retry too).
+ATTEMPT_LOG_LIMIT = 20
+
+
 class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     """The state of one job, value of `rp-jobs` key `<endpoint>.<job>`.
 
@@ -61,6 +77,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     # Number of stream chunks the worker produced.
     chunks: int = 0
+    # Attempts that ended, oldest first (at most ATTEMPT_LOG_LIMIT); the running one is not in it.
+    attempt_log: tuple[JobAttempt, ...] = ()
 
 
 class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runplane_proto import endpoints, jobs, leases, logs, nodes, scaling
+from runplane_proto import dead_letters, endpoints, idempotency, jobs, leases, logs, nodes, scaling
 from runplane_proto.ids import check_id
 
 # JetStream streams
@@ -28,6 +28,10 @@ KV_LEASES = "rp-leases"
 KV_CURSORS = "rp-stream-cursors"
 # API keys (hashes only), gateway only: see runplane_proto.keys.
 KV_API_KEYS = "rp-api-keys"
+# Failed and timed-out jobs per endpoint (per-entry TTL: the dead-letter retention).
+KV_DEAD_LETTERS = "rp-dead-letters"
+# Idempotency-Key → job id per endpoint (per-entry TTL: the idempotency window), gateway only.
+KV_IDEMPOTENCY = "rp-idempotency"
 OBJ_PAYLOADS = "rp-payloads"
 
 # Wildcards used for stream definitions and fleet-wide subscriptions.
@@ -100,6 +104,20 @@ def job_key(endpoint_id: str, job_id: str) -> str:
 
 def endpoint_jobs_filter(endpoint_id: str) -> str:
     return f"{check_id(endpoint_id, 'endpoint')}.*"
+
+
+def dead_letter_key(endpoint_id: str, job_id: str) -> str:
+    """Key of a dead letter in KV `rp-dead-letters`: endpoint first, as for job records."""
+    return f"{check_id(endpoint_id, 'endpoint')}.{check_id(job_id, 'job')}"
+
+
+def endpoint_dead_letters_filter(endpoint_id: str) -> str:
+    return f"{check_id(endpoint_id, 'endpoint')}.*"
+
+
+def idempotency_key(endpoint_id: str, digest: str) -> str:
+    """Key of an Idempotency-Key's entry in KV `rp-idempotency` (`digest`: hex SHA-256)."""
+    return f"{check_id(endpoint_id, 'endpoint')}.{check_id(digest, 'idempotency digest')}"
 
 
 def endpoint_key(endpoint_id: str) -> str:
@@ -182,6 +200,17 @@ REGISTRY: tuple[Channel, ...] = (
     Channel("job records", f"KV {KV_JOBS}: <endpoint>.<job>", "kv", jobs.JobRecord,
             ("gateway", "node-agent", "scheduler"), ("gateway", "node-agent", "scheduler"),
             "The job's state; compare-and-set writes."),
+    Channel("dead letters", f"KV {KV_DEAD_LETTERS}: <endpoint>.<job>", "kv", dead_letters.DeadLetter,
+            ("node-agent", "gateway", "scheduler"), ("gateway",),
+            "A job that ended FAILED or TIMED_OUT: input, final error, every attempt (worker, node, "
+            "error). Written by whoever wrote the terminal record, right after it, with a per-entry "
+            "TTL (`RP_DEAD_LETTER_RETENTION_S`); listed, replayed and deleted by the gateway "
+            "(`/v1/endpoints/<id>/dead-letters`)."),
+    Channel("idempotent submits", f"KV {KV_IDEMPOTENCY}: <endpoint>.<digest>", "kv",
+            idempotency.IdempotentSubmit, ("gateway",), ("gateway",),
+            "Which job an `Idempotency-Key` made (digest of API key id and client key). Created with "
+            "KV `create`, so of two replicas racing on one key the server lets exactly one win; "
+            "per-entry TTL `RP_IDEMPOTENCY_WINDOW_S`."),
     Channel("endpoint specs", f"KV {KV_ENDPOINTS}: <endpoint>", "kv", endpoints.EndpointSpec,
             ("gateway",), ("scheduler", "autoscaler", "node-agent"), "Endpoint configuration."),
     Channel("node status", f"KV {KV_NODES}: <node>", "kv", nodes.NodeStatus,

@@ -44,12 +44,15 @@ def error_text(raw: msgspec.Raw) -> str | None:
 
 
 def job_payload(record: JobRecord, input_json: bytes | None) -> bytes:
-    """The object a worker's take is answered with: id, input, then the submit's extra keys."""
+    """The object a worker's take is answered with: id, input, `attempt` (1 on the first run,
+    more after a worker or node failure: a handler may dedupe side effects by it), then the
+    submit's extra keys. `record` is the claimed record (its attempt counted)."""
     raw_input = input_json if input_json is not None else b"null"
+    attempt = str(record.attempts).encode()
     if record.extra_json is None and record.webhook is None:
         # Ids match [A-Za-z0-9_-]+, so they need no JSON escaping.
-        return b'{"id":"' + record.id.encode() + b'","input":' + raw_input + b"}"
-    body: dict[str, object] = {"id": record.id, "input": msgspec.Raw(raw_input)}
+        return b'{"id":"' + record.id.encode() + b'","input":' + raw_input + b',"attempt":' + attempt + b"}"
+    body: dict[str, object] = {"id": record.id, "input": msgspec.Raw(raw_input), "attempt": record.attempts}
     if record.webhook:
         body["webhook"] = record.webhook
     if record.extra_json:
@@ -58,7 +61,7 @@ def job_payload(record: JobRecord, input_json: bytes | None) -> bytes:
         except DecodeError:
             extra = {}
         for key, value in extra.items():
-            if key not in ("id", "input"):
+            if key not in ("id", "input", "attempt"):
                 body[key] = value
     return _JSON.encode(body)
 

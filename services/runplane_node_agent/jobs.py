@@ -191,7 +191,8 @@ class Jobs:
                     status, error = "FAILED", transitions.exhausted_error(record, self.settings.max_attempts)
                 metrics.JOBS_SKIPPED.labels(endpoint=ep, reason=verdict.value).inc()
                 await self.records.conclude(key, record, current.revision, lambda r: transitions.finished(
-                    r, status, now_ms=now_ms, error=error, keep_output=True))
+                    r, status, now_ms=now_ms, error=error, keep_output=True,
+                    attempt_error=transitions.LOST_ATTEMPT_ERROR))
                 await msg.ack()
                 return None
             input_json = record.input_json
@@ -204,7 +205,7 @@ class Jobs:
         claimed = transitions.in_progress(record, worker_id=worker.worker_id,
                                           node_id=self.settings.node_id, now_ms=now_ms)
         held = HeldJob(worker, msg, claimed, key, now)
-        held.payload = job_payload(record, input_json)
+        held.payload = job_payload(claimed, input_json)
         self._hold(held)
         # The hand-over does not wait for the claim write: everything that touches the
         # record later awaits `held.claim` first, and a lost claim becomes a stop.
@@ -385,8 +386,9 @@ class Jobs:
             release: Release
             try:
                 if attempts < limit:
-                    record = await self.records.conclude(held.key, held.record, held.revision,
-                                                         transitions.requeued)
+                    now_ms = self.clock.now_ms()
+                    record = await self.records.conclude(held.key, held.record, held.revision, lambda r: (
+                        transitions.requeued(r, error=why, now_ms=now_ms)))
                     release = "nak" if record is not None else "ack"
                     metrics.JOBS_REQUEUED.labels(endpoint=held.endpoint_id, reason="worker gone").inc()
                     log.info("job requeued", job_id=held.job_id, worker_id=held.worker.worker_id, why=why,

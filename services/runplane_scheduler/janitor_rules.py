@@ -53,8 +53,11 @@ def retention_over(record: JobRecord, now_ms: int, retention: Retention) -> bool
 
 
 def payload_refs(record: JobRecord) -> list[str]:
-    """The object-store names a record points at."""
-    return [ref for ref in (record.input_ref, record.output_ref) if ref]
+    """The object-store names to delete with a record. A FAILED / TIMED_OUT job's large input
+    stays: its dead letter points at it (deleted with the dead letter, else by the object
+    store's TTL)."""
+    keep_input = record.status in ("FAILED", "TIMED_OUT")
+    return [ref for ref in (None if keep_input else record.input_ref, record.output_ref) if ref]
 
 
 def sweep(records: Iterable[tuple[str, JobRecord]], now_ms: int, retention: Retention) -> Sweep:

@@ -71,6 +71,9 @@ def test_retention_without_a_completion_time_counts_from_start_then_submit():
 def test_payload_refs():
     assert payload_refs(record()) == []
     assert payload_refs(record(input_ref="j1.input", output_ref="j1.output")) == ["j1.input", "j1.output"]
+    # A failed job's input stays for its dead letter.
+    assert payload_refs(record(status="FAILED", input_ref="j1.input", output_ref="j1.output")) == ["j1.output"]
+    assert payload_refs(record(status="TIMED_OUT", input_ref="j1.input")) == []
 
 
 def test_sweep_sorts_records_into_expire_and_delete():

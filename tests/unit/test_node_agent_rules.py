@@ -61,11 +61,36 @@ def test_finished_and_requeued():
 
 
 def test_the_job_handed_to_a_worker():
-    assert json.loads(job_payload(record(), b'{"a":1}')) == {"id": "j1", "input": {"a": 1}}
-    assert json.loads(job_payload(record(), None)) == {"id": "j1", "input": None}
-    rich = record(webhook="http://h", extra_json=b'{"s3Config": {"b": 1}, "id": "evil", "batchId": "b1"}')
-    assert json.loads(job_payload(rich, b"[1]")) == {"id": "j1", "input": [1], "webhook": "http://h",
-                                                      "s3Config": {"b": 1}, "batchId": "b1"}
+    claimed = record(attempts=1)
+    assert json.loads(job_payload(claimed, b'{"a":1}')) == {"id": "j1", "input": {"a": 1}, "attempt": 1}
+    assert json.loads(job_payload(record(attempts=2), None)) == {"id": "j1", "input": None, "attempt": 2}
+    rich = record(attempts=1, webhook="http://h",
+                  extra_json=b'{"s3Config": {"b": 1}, "id": "evil", "attempt": 9, "batchId": "b1"}')
+    assert json.loads(job_payload(rich, b"[1]")) == {"id": "j1", "input": [1], "attempt": 1,
+                                                      "webhook": "http://h", "s3Config": {"b": 1},
+                                                      "batchId": "b1"}
+
+
+def test_every_ended_attempt_is_logged():
+    first = transitions.in_progress(record(), worker_id="w1", node_id="n1", now_ms=5)
+    assert first.attempt_log == ()
+    back = transitions.requeued(first, error="worker exited", now_ms=7)
+    # A redelivery finds the record still IN_PROGRESS: that attempt was lost with its agent.
+    second = transitions.in_progress(transitions.in_progress(back, worker_id="w2", node_id="n2", now_ms=8),
+                                     worker_id="w3", node_id="n3", now_ms=20)
+    done = transitions.finished(second, "FAILED", now_ms=30, error="boom")
+    assert [(a.number, a.worker_id, a.node_id, a.started_at_ms, a.ended_at_ms, a.error)
+            for a in done.attempt_log] == [
+        (1, "w1", "n1", 5, 7, "worker exited"),
+        (2, "w2", "n2", 8, 20, transitions.LOST_ATTEMPT_ERROR),
+        (3, "w3", "n3", 20, 30, "boom"),
+    ]
+    undone = transitions.requeued(second, count_attempt=False)  # a take given back is no attempt
+    assert undone.attempt_log == second.attempt_log
+    exhausted = transitions.finished(second, "FAILED", now_ms=40, error="attempts exhausted",
+                                     attempt_error=transitions.LOST_ATTEMPT_ERROR)
+    assert (exhausted.error, exhausted.attempt_log[-1].error) == ("attempts exhausted",
+                                                                  transitions.LOST_ATTEMPT_ERROR)
 
 
 def test_error_text():
