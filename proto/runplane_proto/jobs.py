@@ -12,6 +12,7 @@ from typing import Literal
 import msgspec
 
 from runplane_proto.ids import EndpointId, JobId, NodeId, WorkerId
+from runplane_proto.timings import JobTimings
 
 JobStatus = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -79,6 +80,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     chunks: int = 0
     # Attempts that ended, oldest first (at most ATTEMPT_LOG_LIMIT); the running one is not in it.
     attempt_log: tuple[JobAttempt, ...] = ()
+    # Where the current attempt's time went (node agent; runplane_proto.timings).
+    timings: JobTimings | None = None
 
 
 class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):

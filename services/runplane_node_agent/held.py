@@ -89,6 +89,7 @@ class HeldJob:
         "stop_reason",
         "stop_since",
         "taken_at",
+        "timings",
         "worker",
     )
 
@@ -103,6 +104,9 @@ class HeldJob:
         self.claim: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.payload = b""
         self.taken_at = now
+        # Where this attempt's time went so far (runplane_proto.timings); goes out with the
+        # claim write and, completed, with the terminal write.
+        self.timings = record.timings
         # The job's own limit, else the endpoint's; none at all when both are 0.
         timeout_ms = record.policy.execution_timeout_ms or worker.spec.execution_timeout_ms
         self.deadline = now + timeout_ms / 1000 if timeout_ms > 0 else float("inf")

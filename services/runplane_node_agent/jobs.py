@@ -13,11 +13,13 @@ from collections.abc import Callable
 
 import structlog
 from nats.aio.msg import Msg
+from msgspec.structs import replace
 from nats.errors import MaxPayloadError
 from runplane_bus import Bus, Conflict, Versioned
 from runplane_proto import subjects as s
 from runplane_proto.codec import Codec, DecodeError
 from runplane_proto.jobs import ChunkAdded, JobChanged, JobQueued, JobRecord, StreamChunk, is_terminal
+from runplane_proto.timings import JobTimings, phases, start_of
 from runplane_service.clock import Clock
 
 from runplane_node_agent import metrics, transitions
@@ -114,11 +116,10 @@ class Jobs:
                     poll.claiming = True
                     try:
                         # A paused worker is resumed while its job is claimed.
-                        waking = (asyncio.ensure_future(flash.wake(worker)) if flash.needs_wake(worker)
-                                  else None)
-                        taken = await self._claim_all(worker, result.msgs)
-                        if waking is not None:
-                            await waking
+                        paused = flash.needs_wake(worker)
+                        waking = asyncio.ensure_future(_timed(flash.wake(worker))) if paused else None
+                        taken = await self._claim_all(worker, result.msgs, paused)
+                        resume_ms = await waking if waking is not None else 0
                     finally:
                         poll.claiming = False
                     if taken and (worker.stopping or self.draining):
@@ -126,6 +127,7 @@ class Jobs:
                         return []
                     if taken:
                         flash.took_jobs(worker)
+                        self._handed_over(taken, resume_ms)
                         return taken
                 elif result.status is not None and result.status not in QUIET_STATUSES \
                         and result.status != "timeout":
@@ -142,14 +144,23 @@ class Jobs:
                 # Never answered while paused: the worker's own take timeout keeps running.
                 await flash.wake(worker)
 
-    async def _claim_all(self, worker: Worker, msgs: list[Msg]) -> list[HeldJob]:
+    async def _claim_all(self, worker: Worker, msgs: list[Msg], paused: bool) -> list[HeldJob]:
         if len(msgs) == 1:
-            held = await self._claim(worker, msgs[0])
+            held = await self._claim(worker, msgs[0], paused)
             return [held] if held is not None else []
-        results = await asyncio.gather(*(self._claim(worker, m) for m in msgs))
+        results = await asyncio.gather(*(self._claim(worker, m, paused) for m in msgs))
         return [h for h in results if h is not None]
 
-    async def _claim(self, worker: Worker, msg: Msg) -> HeldJob | None:
+    def _handed_over(self, taken: list[HeldJob], resume_ms: int) -> None:
+        """The take is answered now: the hand-over instant (and a flash start's resume) go
+        into each job's timings, written with its terminal record."""
+        now_ms = self.clock.now_ms()
+        for held in taken:
+            if held.timings is not None:
+                held.timings = replace(held.timings, handed_over_at_ms=now_ms, worker_start_ms=(
+                    resume_ms if held.timings.start_kind == "flash" else held.timings.worker_start_ms))
+
+    async def _claim(self, worker: Worker, msg: Msg, paused: bool = False) -> HeldJob | None:
         ep = worker.endpoint_id
         try:
             queued = _QUEUED.decode(msg.data)
@@ -202,8 +213,11 @@ class Jobs:
             log.warning("taking a job failed", job_id=job_id, endpoint_id=ep, error=repr(exc))
             await settle(msg, "nak", delay_s=1.0)
             return None
-        claimed = transitions.in_progress(record, worker_id=worker.worker_id,
-                                          node_id=self.settings.node_id, now_ms=now_ms)
+        claimed = replace(transitions.in_progress(record, worker_id=worker.worker_id,
+                                                  node_id=self.settings.node_id, now_ms=now_ms),
+                          timings=start_of(submitted_at_ms=record.submitted_at_ms,
+                                           spawned_at_ms=worker.started_at_ms, ready_at_ms=worker.ready_at_ms,
+                                           from_snapshot=worker.from_snapshot, paused=paused))
         held = HeldJob(worker, msg, claimed, key, now)
         held.payload = job_payload(claimed, input_json)
         self._hold(held)
@@ -245,9 +259,9 @@ class Jobs:
                     if current is None or current.value.status != "IN_QUEUE":
                         break
                     revision = current.revision
-                    held.record = transitions.in_progress(
+                    held.record = replace(transitions.in_progress(
                         current.value, worker_id=held.worker.worker_id, node_id=self.settings.node_id,
-                        now_ms=held.record.started_at_ms or self.clock.now_ms())
+                        now_ms=held.record.started_at_ms or self.clock.now_ms()), timings=held.timings)
                     continue
                 held.claim.set_result(True)
                 await self.bus.publish(s.job_events(held.job_id), JobChanged(record=held.record))
@@ -305,6 +319,7 @@ class Jobs:
                 held.record, held.revision = record, revision
 
     async def _finish(self, held: HeldJob, error: str | None, output: bytes) -> None:
+        done_ms = self.clock.now_ms()  # job-done received: the handler's end
         if await held.claim:
             async with held.lock:
                 if held.done:
@@ -314,10 +329,14 @@ class Jobs:
                                if output else (None, None))
                 now_ms = self.clock.now_ms()
                 # A failed write raises (HTTP 500): the worker retries and the job stays held.
+                timings = held.timings and replace(held.timings, handler_done_at_ms=done_ms)
                 record = await self.records.conclude(held.key, held.record, held.revision, lambda r: (
-                    transitions.finished(r, status, now_ms=now_ms, output_json=inline, output_ref=ref,
-                                         error=error, chunks=held.chunks)))
+                    _with_timings(transitions.finished(r, status, now_ms=now_ms, output_json=inline,
+                                                       output_ref=ref, error=error, chunks=held.chunks),
+                                  timings)))
                 held.done = True
+                if record is not None:
+                    metrics.job_phases(held.endpoint_id, phases(record, now_ms))
                 metrics.finished(held.endpoint_id, status if record is not None else "kept").inc()
                 metrics.execution(held.endpoint_id).observe(time.monotonic() - held.taken_at)
             self.supervisor.job_finished(held.worker)
@@ -488,6 +507,17 @@ class Jobs:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(_finished_task(self._tasks))
+
+
+def _with_timings(record: JobRecord | None, timings: JobTimings | None) -> JobRecord | None:
+    return record if record is None or timings is None else replace(record, timings=timings)
+
+
+async def _timed(resume) -> int:
+    """How long a flash resume took (ms)."""
+    started = time.perf_counter()
+    await resume
+    return round((time.perf_counter() - started) * 1000)
 
 
 def _finished_task(tasks: set[asyncio.Task]):

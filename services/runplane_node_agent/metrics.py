@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from prometheus_client import Counter, Gauge, Histogram
+from runplane_proto.timings import Phases
 
 JOBS_TAKEN = Counter("rp_node_agent_jobs_taken_total", "Jobs handed to workers", ["endpoint"])
 JOBS_FINISHED = Counter("rp_node_agent_jobs_finished_total", "Jobs this agent made terminal or saw end",
@@ -18,6 +19,17 @@ MESSAGES_NAKED = Counter("rp_node_agent_messages_naked_total",
 JOB_EXECUTION_SECONDS = Histogram(
     "rp_node_agent_job_execution_seconds", "Time from hand-over to result", ["endpoint"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+JOB_PHASE_SECONDS = Histogram(
+    "rp_node_agent_job_phase_seconds",
+    "Where a finished job's time went (queued, waiting_for_capacity, worker_start, handler, result_upload; "
+    "the same figures as /status timings)", ["endpoint", "phase"], buckets=_PHASE_BUCKETS,
+)
+JOB_WORKER_START_SECONDS = Histogram(
+    "rp_node_agent_job_worker_start_seconds",
+    "The worker start a finished job waited through, by kind (cold, snapshot, flash, warm)",
+    ["endpoint", "kind"], buckets=_PHASE_BUCKETS,
 )
 STREAM_CHUNKS = Counter("rp_node_agent_stream_chunks_total", "Stream chunks stored", ["endpoint"])
 TAKE_POLLS_WAITING = Gauge("rp_node_agent_take_polls_waiting", "Worker take long-polls now waiting")
@@ -60,3 +72,25 @@ def execution(endpoint: str) -> Histogram:
 @lru_cache(maxsize=4096)
 def chunks(endpoint: str) -> Counter:
     return STREAM_CHUNKS.labels(endpoint=endpoint)
+
+
+@lru_cache(maxsize=16384)
+def _phase(endpoint: str, phase: str) -> Histogram:
+    return JOB_PHASE_SECONDS.labels(endpoint=endpoint, phase=phase)
+
+
+@lru_cache(maxsize=16384)
+def _worker_start(endpoint: str, kind: str) -> Histogram:
+    return JOB_WORKER_START_SECONDS.labels(endpoint=endpoint, kind=kind)
+
+
+def job_phases(endpoint: str, p: Phases) -> None:
+    """Observe a job that ended with a result (no NATS, a few histogram updates)."""
+    _phase(endpoint, "queued").observe(p.queued_ms / 1000)
+    for phase, value in (("waiting_for_capacity", p.waiting_for_capacity_ms),
+                         ("worker_start", p.worker_start_ms), ("handler", p.handler_ms),
+                         ("result_upload", p.result_upload_ms)):
+        if value is not None:
+            _phase(endpoint, phase).observe(value / 1000)
+    if p.start_kind is not None and p.worker_start_ms is not None:
+        _worker_start(endpoint, p.start_kind).observe(p.worker_start_ms / 1000)

@@ -60,6 +60,7 @@ class Worker:
         self.low_priority_jobs: set[str] = set()
         self.started_at_ms = now_ms
         self.idle_since_ms = now_ms
+        self.ready_at_ms = 0  # when its process first asked for work (0: not yet)
         self.last_seen = time.monotonic()
         self.pinged = False
         self.ping_job_ids: frozenset[str] = frozenset()
@@ -245,7 +246,8 @@ class Supervisor:
     def mark_ready(self, worker: Worker) -> None:
         if not worker.ready:
             worker.ready = True
-            startup_ms = self.clock.now_ms() - worker.started_at_ms
+            worker.ready_at_ms = self.clock.now_ms()
+            startup_ms = worker.ready_at_ms - worker.started_at_ms
             log.info("worker ready", worker_id=worker.worker_id, endpoint_id=worker.endpoint_id,
                      startup_ms=startup_ms, from_snapshot=worker.from_snapshot or None)
             node_metrics.worker_ready(startup_ms, from_snapshot=worker.from_snapshot)
