@@ -18,6 +18,8 @@ from runplane_gateway.auth import AuthMiddleware
 from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.chunks import ChunkReader
 from runplane_gateway.errors import EXCEPTION_HANDLERS, error_response, json_response
+from runplane_gateway.dead_letters import DeadLetterApi
+from runplane_gateway.idempotency import Idempotency
 from runplane_gateway.jobs import Jobs
 from runplane_gateway.keys import KeyRing
 from runplane_gateway.keys_api import KeysApi
@@ -54,7 +56,8 @@ class Gateway:
         keys = await KeyRing(bus, settings.api_key).start()
         workers = RunningWorkers(bus, now_ms=clock.now_ms, node_loss_timeout_s=settings.node_loss_timeout_s)
         limiter = RateLimiter(enabled=settings.rate_limits, running_workers=workers)
-        client = ClientApi(bus, catalog, jobs, chunks, limiter, settings, clock)
+        idempotency = await Idempotency(bus, settings.idempotency_window_s, clock).start()
+        client = ClientApi(bus, catalog, jobs, chunks, limiter, settings, clock, idempotency=idempotency)
         management = ManagementApi(bus, catalog, jobs, settings, clock)
         sender = None
         if webhooks:
@@ -76,6 +79,7 @@ def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management
               keys: KeyRing | None = None) -> Starlette:
     keys = keys or KeyRing(bus, settings.api_key)  # not started: the bootstrap key only
     keys_api = KeysApi(keys, management.clock)
+    dead_letters = DeadLetterApi(bus, management.catalog, management.jobs, management.clock)
 
     async def healthz(_: Request) -> Response:
         if not bus.nc.is_connected:
@@ -89,6 +93,7 @@ def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management
         *client.routes(),
         *management.routes(),
         *keys_api.routes(),
+        *dead_letters.routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         *dashboard.routes(),

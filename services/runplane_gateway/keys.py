@@ -101,6 +101,10 @@ def refusal(access: Access, method: str, path: str) -> str | None:
             return None if reading else "this API key may not create endpoints: that takes an admin key"
         if not access.may_use(parts[3]):
             return _other_endpoint(parts[3])
+        if parts[4:5] == ["dead-letters"]:
+            # Its endpoint's dead letters: list, replay (the target endpoint is checked by the
+            # route) and delete, as its /v2 API may queue and cancel that endpoint's jobs.
+            return None
         return None if reading else "this API key may not change or delete endpoints: that takes an admin key"
     if parts[1:3] == ["v1", "keys"]:
         return "this API key may not manage API keys: that takes an admin key"

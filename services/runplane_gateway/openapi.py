@@ -10,11 +10,14 @@ from typing import Annotated, Any
 import msgspec
 from starlette.routing import Route
 
-from runplane_gateway import keys_api, wire
+from runplane_gateway import dead_letters, keys_api, wire
 
 
 # An http(s) URL with a host, or "" for none (what /run checks).
 _WEBHOOK = r"^(https?://[A-Za-z0-9._~-]+([:/?#].*)?)?$"
+# An idempotency key: 1-255 characters, none of them a control character.
+_IDEMPOTENCY_KEY = r"^[^\u0000-\u001f\u007f-\u009f]{1,255}$"
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=_IDEMPOTENCY_KEY)]
 
 
 class SubmitBody(msgspec.Struct, frozen=True):
@@ -23,6 +26,8 @@ class SubmitBody(msgspec.Struct, frozen=True):
     input: dict[str, Any] | list[Any] | str | int | float | bool  # anything but null
     webhook: Annotated[str, msgspec.Meta(pattern=_WEBHOOK)] | None = None
     policy: wire.SubmitPolicy | None = None
+    # Same as the Idempotency-Key header (the two must agree when both are sent).
+    idempotencyKey: IdempotencyKey | None = None
 
 
 @dataclass(frozen=True)
@@ -36,15 +41,30 @@ class Op:
     auth: bool = True
     media_type: str = "application/json"
     extra: dict[str, Any] = field(default_factory=dict)
+    headers: tuple[tuple[str, dict[str, Any], str], ...] = ()  # request headers (name, schema, description)
+    errors: dict[str, str] = field(default_factory=dict)  # answers beyond _ERRORS
 
 
 _JOB = ("job_id",)
+_IDEMPOTENT = {
+    "headers": (("Idempotency-Key", {"type": "string", "minLength": 1, "maxLength": 255,
+                                     "pattern": _IDEMPOTENCY_KEY},
+                 "a repeat with the same key (per endpoint and API key, within RP_IDEMPOTENCY_WINDOW_S) "
+                 "answers the original job (header `Idempotent-Replayed: true`), queuing none"),),
+    "errors": {"409": "Concurrent submits kept changing the idempotency key's entry",
+               "422": "The idempotency key was used with another body"},
+}
+_DEAD_FILTERS = (
+    ("since", {"type": "integer", "minimum": 0}, "only dead letters that failed at or after this time (ms)"),
+    ("until", {"type": "integer", "minimum": 0}, "only dead letters that failed before this time (ms)"),
+    ("error", "string", "only dead letters whose errors (final or of an attempt) contain this text"),
+)
 _WAIT = {"type": "integer", "minimum": 1000, "maximum": 300000}
 OPS: dict[tuple[str, str], Op] = {
-    ("/v2/{endpoint_id}/run", "post"): Op("Queue a job", "jobs", wire.JobRef, SubmitBody),
+    ("/v2/{endpoint_id}/run", "post"): Op("Queue a job", "jobs", wire.JobRef, SubmitBody, **_IDEMPOTENT),
     ("/v2/{endpoint_id}/runsync", "post"): Op(
         "Run a job and wait for its result (or its id when `wait` runs out)", "jobs", wire.JobView,
-        SubmitBody, query=(("wait", _WAIT, "milliseconds to wait, 1000-300000"),)),
+        SubmitBody, query=(("wait", _WAIT, "milliseconds to wait, 1000-300000"),), **_IDEMPOTENT),
     ("/v2/{endpoint_id}/status/{job_id}", "get"): Op("A job's status and output", "jobs", wire.JobView),
     ("/v2/{endpoint_id}/status/{job_id}", "post"): Op("A job's status and output", "jobs", wire.JobView),
     ("/v2/{endpoint_id}/status-sync/{job_id}", "get"): Op(
@@ -85,6 +105,24 @@ OPS: dict[tuple[str, str], Op] = {
                ("worker", "string", "only this worker's lines"),
                ("limit", {"type": "integer", "minimum": 0, "maximum": 1000},
                 "at most this many lines (default 200, at most 1000)"))),
+    ("/v1/endpoints/{endpoint_id}/dead-letters", "get"): Op(
+        "Jobs that ended FAILED or TIMED_OUT (newest first, without input), with every attempt's error, "
+        "worker and node", "dead letters", dead_letters.DeadLetterPage,
+        query=(*_DEAD_FILTERS,
+               ("limit", {"type": "integer", "minimum": 0, "maximum": 1000},
+                "at most this many (default 100, at most 1000)"),
+               ("after", "string", "the `next` of an earlier answer: the page after it"))),
+    ("/v1/endpoints/{endpoint_id}/dead-letters", "delete"): Op(
+        "Delete the dead letters the filters select (all without filters)", "dead letters",
+        dead_letters.DeadLettersDeleted, query=_DEAD_FILTERS),
+    ("/v1/endpoints/{endpoint_id}/dead-letters/replay", "post"): Op(
+        "Replay dead letters as new jobs with the same input (on this or another endpoint): the ones "
+        "named, else every one the filters select", "dead letters", dead_letters.DeadLettersReplayed,
+        dead_letters.DeadLetterReplayRequest),
+    ("/v1/endpoints/{endpoint_id}/dead-letters/{job_id}", "get"): Op(
+        "One dead letter with its input", "dead letters", dead_letters.DeadLetterView),
+    ("/v1/endpoints/{endpoint_id}/dead-letters/{job_id}", "delete"): Op(
+        "Delete one dead letter", "dead letters", wire.Deleted),
     ("/v1/nodes", "get"): Op("Nodes: inventory, GPUs free or held and by whom, workers", "fleet",
                              list[wire.NodeView]),
     ("/v1/keys", "post"): Op(
@@ -137,6 +175,8 @@ def document(routes: list[Route]) -> dict[str, Any]:
         params += [{"name": name, "in": "query", "required": False,
                     "schema": kind if isinstance(kind, dict) else {"type": kind},
                     "description": text} for name, kind, text in op.query]
+        params += [{"name": name, "in": "header", "required": False, "schema": schema, "description": text}
+                   for name, schema, text in op.headers]
         content = ({op.media_type: {"schema": schema_of[_type_key(op.response)]}} if op.response is not None
                    else {op.media_type: {}} if op.media_type else None)
         responses: dict[str, Any] = {str(op.status): {"description": "OK" if op.status < 300 else "Redirect"}}
@@ -145,7 +185,7 @@ def document(routes: list[Route]) -> dict[str, Any]:
         if op.auth:
             error = {"application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}}
             responses.update({code: {"description": text, "content": error}
-                              for code, text in _ERRORS.items()})
+                              for code, text in {**_ERRORS, **op.errors}.items()})
         entry: dict[str, Any] = {"summary": op.summary, "tags": [op.tag],
                                  "operationId": _operation_id(path, method), "responses": responses}
         if params:

@@ -21,7 +21,9 @@ from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.chunks import ChunkReader
 from runplane_gateway.errors import ApiError, json_response, validation_message
 from runplane_gateway.health import pending_placement, worker_counts
-from runplane_gateway.jobs import Jobs
+from runplane_gateway.idempotency import BODY_FIELD, HEADER, Claim, Idempotency, body_digest, client_key
+from runplane_gateway.jobs import MISSING_RECORD_GRACE_MS, Jobs
+from runplane_gateway.keys import access_in
 from runplane_gateway.limits import RateLimiter, read_body
 from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.waiters import JobWaiter
@@ -40,6 +42,8 @@ class Submission(NamedTuple):
     policy: JobPolicy
     webhook: str | None
     extra_json: bytes | None
+    # The `idempotencyKey` body field as sent (checked with the header by idempotency.client_key).
+    idempotency_key: msgspec.Raw | None = None
 
 
 def parse_submission(body: bytes, spec: EndpointSpec) -> Submission:
@@ -57,12 +61,13 @@ def parse_submission(body: bytes, spec: EndpointSpec) -> Submission:
     input_raw = bytes(raw_input)
     if input_raw == b"null":
         raise ApiError(400, "input must not be null")
+    idempotency_key = fields.pop(BODY_FIELD, None)
     webhook = _webhook(fields.pop("webhook", None))
     policy = _policy(fields.pop("policy", None), spec)
     extra_json = None
     if fields:
         extra_json = b"{" + b",".join(encoder.encode(k) + b":" + bytes(v) for k, v in fields.items()) + b"}"
-    return Submission(input_raw, policy, webhook, extra_json)
+    return Submission(input_raw, policy, webhook, extra_json, idempotency_key)
 
 
 def _webhook(raw: msgspec.Raw | None) -> str | None:
@@ -129,7 +134,8 @@ def _wait_ms(request: Request, default_ms: int) -> int:
 
 class ClientApi:
     def __init__(self, bus: Bus, catalog: EndpointCatalog, jobs: Jobs, chunks: ChunkReader,
-                 limiter: RateLimiter, settings: GatewaySettings, clock: Clock) -> None:
+                 limiter: RateLimiter, settings: GatewaySettings, clock: Clock, *,
+                 idempotency: Idempotency | None = None) -> None:
         self.bus = bus
         self.catalog = catalog
         self.jobs = jobs
@@ -137,6 +143,7 @@ class ClientApi:
         self.limiter = limiter
         self.settings = settings
         self.clock = clock
+        self.idempotency = idempotency
 
     def routes(self) -> list[Route]:
         read = ["GET", "POST"]
@@ -158,8 +165,11 @@ class ClientApi:
             await self.jobs.check_queue_cap(spec.id)
             body = await read_body(request, self.settings.max_body_run_bytes, "run")
             sub = parse_submission(body, spec)
-            record = await self.jobs.submit(spec, new_job_id(), input_raw=sub.input_raw, sync=False,
-                                            policy=sub.policy, webhook=sub.webhook, extra_json=sub.extra_json)
+            job_id = new_job_id()
+            claim = await self._claim(request, spec, body, sub, job_id, sync=False)
+            if claim is not None and not claim.ours:
+                return await self._repeat_run(spec.id, claim)
+            record = await self._submit(spec, job_id, sub, sync=False, claim=claim)
         return json_response(encoder.encode(JobRef(id=record.id, status=record.status)))
 
     async def runsync(self, request: Request) -> Response:
@@ -170,9 +180,11 @@ class ClientApi:
             body = await read_body(request, self.settings.max_body_runsync_bytes, "runsync")
             sub = parse_submission(body, spec)
             job_id = new_job_id(sync=True)
+            claim = await self._claim(request, spec, body, sub, job_id, sync=True)
+            if claim is not None and not claim.ours:
+                return await self._repeat_runsync(spec.id, claim, wait_ms)
             async with JobWaiter(self.bus.nc, job_id) as waiter:
-                await self.jobs.submit(spec, job_id, input_raw=sub.input_raw, sync=True, policy=sub.policy,
-                                       webhook=sub.webhook, extra_json=sub.extra_json)
+                await self._submit(spec, job_id, sub, sync=True, claim=claim)
                 done = await waiter.wait(wait_ms / 1000)
             if done is not None:
                 return json_response(await self.jobs.view(done))
@@ -240,6 +252,55 @@ class ClientApi:
             workers.throttled = placement.pendingWorkers
         return json_response(encoder.encode(HealthView(jobs=jobs, workers=workers, placement=placement)))
 
+    # -- idempotent submits --------------------------------------------------------------------
+
+    async def _claim(self, request: Request, spec: EndpointSpec, body: bytes, sub: Submission,
+                     job_id: str, *, sync: bool) -> Claim | None:
+        """With an idempotency key: the key's entry (ours, or the first submit's); else None."""
+        key = client_key(request.headers.get(HEADER), sub.idempotency_key)
+        if key is None or self.idempotency is None:
+            return None
+        scope = access_in(request).key_id or "bootstrap"
+        return await self.idempotency.claim(spec.id, scope, key, digest=body_digest(body), job_id=job_id,
+                                            sync=sync)
+
+    async def _submit(self, spec: EndpointSpec, job_id: str, sub: Submission, *, sync: bool,
+                      claim: Claim | None) -> JobRecord:
+        try:
+            return await self.jobs.submit(spec, job_id, input_raw=sub.input_raw, sync=sync, policy=sub.policy,
+                                          webhook=sub.webhook, extra_json=sub.extra_json)
+        except BaseException:
+            if claim is not None and self.idempotency is not None:
+                await self.idempotency.release(claim)  # nothing was queued: a repeat may try again
+            raise
+
+    async def _repeat_run(self, endpoint_id: str, claim: Claim) -> Response:
+        """/run again with a key already used: the original job's `{id, status}`."""
+        record = await self.jobs.read(endpoint_id, claim.entry.job_id)
+        status = record.status if record is not None else self._status_without_record(claim)
+        return _replayed(json_response(encoder.encode(JobRef(id=claim.entry.job_id, status=status))))
+
+    async def _repeat_runsync(self, endpoint_id: str, claim: Claim, wait_ms: int) -> Response:
+        """/runsync again with a key already used: wait for the original job like the first did."""
+        job_id = claim.entry.job_id
+        async with JobWaiter(self.bus.nc, job_id) as waiter:
+            record = await self.jobs.read(endpoint_id, job_id)
+            if record is None:
+                status = self._status_without_record(claim)
+                return _replayed(json_response(encoder.encode(JobRef(id=job_id, status=status))))
+            if not is_terminal(record.status):
+                done = await waiter.wait(wait_ms / 1000)
+                if done is None:
+                    return _replayed(await self._latest(endpoint_id, job_id, waiter.latest))
+                record = done
+        return _replayed(json_response(await self.jobs.view(record)))
+
+    def _status_without_record(self, claim: Claim) -> str:
+        """The original job's record is not there: still being written by the first submit (just
+        made), or deleted after its result retention (EXPIRED: the key still stands for it)."""
+        young = self.clock.now_ms() - claim.entry.created_at_ms < MISSING_RECORD_GRACE_MS
+        return "IN_QUEUE" if young else "EXPIRED"
+
     # -- internals ----------------------------------------------------------------------------
 
     async def _endpoint(self, request: Request) -> EndpointSpec:
@@ -262,6 +323,12 @@ class ClientApi:
             return json_response(await self.jobs.view(record))
         status = record.status if record is not None else "IN_QUEUE"
         return json_response(encoder.encode(JobRef(id=job_id, status=status)))
+
+
+def _replayed(response: Response) -> Response:
+    """Mark an answer given for a repeated idempotency key (as Stripe does)."""
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 def _unknown_job(job_id: str) -> ApiError:

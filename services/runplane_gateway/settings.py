@@ -36,6 +36,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     # Jobs an endpoint may have queued (not yet taken) before /run and /runsync answer 429
     # (RunPod: 50,000); 0 turns the cap off.
     queue_cap: int = 50_000
+    # How long an Idempotency-Key stands for the job it made (the TTL of its KV entry).
+    idempotency_window_s: float = 86_400.0
 
 
 def parse_deny_list(raw: str) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -79,7 +81,15 @@ def load_settings() -> GatewaySettings:
         rate_limits=env_bool("RP_RATE_LIMITS", True),
         node_loss_timeout_s=env_float("RP_NODE_LOSS_TIMEOUT_S", 10.0),
         queue_cap=_queue_cap(),
+        idempotency_window_s=_idempotency_window_s(),
     )
+
+
+def _idempotency_window_s() -> float:
+    window_s = env_float("RP_IDEMPOTENCY_WINDOW_S", 86_400.0)
+    if not 1 <= window_s <= 30 * 86_400:
+        raise SettingsError(f"RP_IDEMPOTENCY_WINDOW_S must be 1 s to 30 days, got {window_s}")
+    return window_s
 
 
 def _queue_cap() -> int:

@@ -29,8 +29,10 @@ MAX_EXAMPLES = 25
 # A /runsync or status-sync with no worker waits this long at most (the API allows 1-300 s).
 WAIT_MS = 1000
 REAL: dict[str, list[str]] = {"endpoint_id": [], "job_id": []}
+# (/run and /runsync: an Idempotency-Key the fuzzer reuses with another body is refused, 422.)
 CROSS_FIELD_RULES = {"POST /v1/endpoints", "PATCH /v1/endpoints/{endpoint_id}",
-                     "POST /v2/{endpoint_id}/retry/{job_id}"}
+                     "POST /v2/{endpoint_id}/retry/{job_id}", "POST /v2/{endpoint_id}/run",
+                     "POST /v2/{endpoint_id}/runsync", "POST /v1/endpoints/{endpoint_id}/dead-letters/replay"}
 
 
 @pytest.fixture(scope="module")
