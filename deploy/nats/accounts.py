@@ -85,6 +85,9 @@ JETSTREAM: dict[str, tuple[Grant, ...]] = {
         Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_JOBS)}.*",),
               "lists an endpoint's jobs page by page (a pull consumer of rp-jobs)"),
         Grant(tuple(read_messages(s.STREAM_CHUNKS)), "/stream reads a job's chunks by sequence"),
+        Grant(tuple(read_messages(s.STREAM_JOBS) + read_messages(s.STREAM_JOB_ENDS)),
+              "/status counts a queued job's place and the endpoint's recent ends, /health finds its "
+              "oldest queued job (direct gets; no message is taken)"),
         Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_DEAD_LETTERS)}.*",),
               "lists an endpoint's dead letters page by page (a pull consumer of rp-dead-letters)"),
         Grant(tuple(read_messages(OBJ_STREAM) + watch(OBJ_STREAM) + purge(OBJ_STREAM))

@@ -21,6 +21,8 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
     await _stream(js, api.StreamConfig(
         name=s.STREAM_JOBS, subjects=[s.ALL_JOB_QUEUES], retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE, max_age=JOBS_MAX_AGE_S, duplicate_window=120.0, num_replicas=replicas,
+        # Direct gets count a queued job's place in one request (gateway, /status).
+        allow_direct=True,
     ))
     await _stream(js, api.StreamConfig(
         name=s.STREAM_CHUNKS, subjects=[s.ALL_JOB_CHUNKS], retention=api.RetentionPolicy.LIMITS,
@@ -33,7 +35,7 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
     await _stream(js, api.StreamConfig(
         name=s.STREAM_JOB_ENDS, subjects=[s.ALL_JOB_ENDS], retention=api.RetentionPolicy.LIMITS,
         storage=api.StorageType.FILE, max_age=JOB_ENDS_MAX_AGE_S, duplicate_window=120.0,
-        num_replicas=replicas,
+        num_replicas=replicas, allow_direct=True,  # the recent completion rate, one request (/status)
     ))
     for bucket, history, ttl in (
         (s.KV_JOBS, 1, None),

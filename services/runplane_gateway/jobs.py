@@ -30,9 +30,11 @@ from runplane_service.clock import Clock
 from runplane_gateway import metrics
 from runplane_gateway.errors import ApiError
 from runplane_gateway.queue_depth import QueueDepths
+from runplane_gateway.queue_position import QueuePlaces
 from runplane_gateway.retention import is_gone, timed_out, ttl_expired
 from runplane_gateway.settings import GatewaySettings
-from runplane_gateway.wire import JobCounts, JobView, encoder
+from runplane_gateway.wire import JobCounts, JobTimingsView, JobView, encoder
+from runplane_proto.timings import phases
 
 log = structlog.get_logger("runplane.gateway.jobs")
 
@@ -52,6 +54,7 @@ class Jobs:
         # Endpoints whose consumer is known to take the low-priority queue (checked once).
         self._low_queue_ready: set[str] = set()
         self.depths = QueueDepths(bus)
+        self.places = QueuePlaces(bus, now_ms=clock.now_ms)
 
     async def check_queue_cap(self, endpoint_id: str) -> None:
         """429 when the endpoint already has `queue_cap` jobs queued (a copy of the count at
@@ -119,7 +122,8 @@ class Jobs:
         return record
 
     async def view(self, record: JobRecord) -> bytes:
-        """The job object (the /status body), output spliced in as raw JSON."""
+        """The job object (the /status body), output spliced in as raw JSON; a queued job's
+        position and ETA (a few requests, however long the queue)."""
         output: Raw | Any = UNSET
         if record.output_json is not None:
             output = Raw(record.output_json)
@@ -133,13 +137,28 @@ class Jobs:
             delay_ms = max(0, record.started_at_ms - record.submitted_at_ms)
             ended_ms = record.completed_at_ms if record.completed_at_ms is not None else self.clock.now_ms()
             execution_ms = max(0, ended_ms - record.started_at_ms)
+        position: int | Any = UNSET
+        eta_ms: int | Any = UNSET
+        if record.status == "IN_QUEUE":
+            place = await self.places.place(record.endpoint_id, record.submitted_at_ms)
+            if place is not None:
+                position = place.position
+                eta_ms = place.eta_ms if place.eta_ms is not None else UNSET
         return encoder.encode(JobView(
             id=record.id, status=record.status, delayTime=delay_ms, executionTime=execution_ms,
             output=output,
             error=record.error if record.error is not None else UNSET,
             workerId=record.worker_id if record.worker_id is not None else UNSET,
             retries=record.retries if record.retries > 0 else UNSET,
+            timings=self._timings(record), queuePosition=position, etaMs=eta_ms,
         ))
+
+    def _timings(self, record: JobRecord) -> JobTimingsView:
+        p = phases(record, self.clock.now_ms())
+        return JobTimingsView(
+            totalMs=p.total_ms, queuedMs=p.queued_ms, waitingForCapacityMs=_given(p.waiting_for_capacity_ms),
+            workerStartMs=_given(p.worker_start_ms), workerStart=_given(p.start_kind),
+            handlerMs=_given(p.handler_ms), resultUploadMs=_given(p.result_upload_ms))
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -275,10 +294,16 @@ class Jobs:
     async def count(self, endpoint_id: str) -> JobCounts:
         """The /health job counts: queued and taken from the endpoint's consumer (one request),
         completed / failed / retried in the last 30 minutes from the JOBENDS stream's
-        per-subject counts (one request), however many jobs there are."""
+        per-subject counts (one request), and while jobs wait the oldest one's age (the first
+        message of each queue past the consumer's position: two requests), however many jobs
+        there are."""
         queue, ends = await asyncio.gather(self.depths.read(endpoint_id), self._ends(endpoint_id))
+        delay_ms = 0
+        if queue.queued:  # the oldest message after the consumer's position (two requests)
+            delay_ms = await self.places.queue_delay_ms(endpoint_id, queue.delivered_seq)
         return JobCounts(completed=ends.get("completed", 0), failed=ends.get("failed", 0),
-                         inProgress=queue.taken, inQueue=queue.queued, retried=ends.get("retried", 0))
+                         inProgress=queue.taken, inQueue=queue.queued, retried=ends.get("retried", 0),
+                         queueDelayMs=delay_ms)
 
     async def _ends(self, endpoint_id: str) -> dict[str, int]:
         try:
@@ -346,6 +371,10 @@ class Jobs:
 
         result = await self.bus.jobs.modify(key, tracked)
         return (None, False) if result is None else (result.value, wrote)
+
+
+def _given(value: Any) -> Any:
+    return UNSET if value is None else value
 
 
 def _not_retryable(job_id: str, status: str) -> ApiError:

@@ -35,6 +35,8 @@ class QueueCounts:
 
     queued: int = 0
     taken: int = 0
+    # The stream sequence of the last message delivered: the queued ones come after it.
+    delivered_seq: int = 0
 
 
 def over_cap(queued: int, cap: int) -> bool:
@@ -71,7 +73,8 @@ class QueueDepths:
         except NotFoundError:  # no queue yet (or the endpoint is being deleted)
             counts = QueueCounts()
         else:
-            counts = QueueCounts(queued=info.num_pending or 0, taken=info.num_ack_pending or 0)
+            counts = QueueCounts(queued=info.num_pending or 0, taken=info.num_ack_pending or 0,
+                                 delivered_seq=info.delivered.stream_seq if info.delivered else 0)
         self._cached[endpoint_id] = _Cached(counts.queued, self.monotonic())
         return counts
 

@@ -31,6 +31,36 @@ class SubmitPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lowPriority: bool = False
 
 
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+StartKindName = Literal["cold", "snapshot", "flash", "warm"]
+
+
+class JobTimingsView(msgspec.Struct, frozen=True):
+    """Where the job's time went, in ms (an addition to RunPod's job object). The parts add up to
+    `totalMs`; a part not reached yet is left out. README: Per-job timing breakdown."""
+
+    totalMs: Annotated[int, _doc("submit until the end, or until now while the job is not over")]
+    queuedMs: Annotated[int, _doc(
+        "in the queue behind other jobs (and the dispatch), beyond waitingForCapacityMs and workerStartMs")]
+    waitingForCapacityMs: Annotated[int, _doc(
+        "before the process of the worker that took the job was started (no worker could take it)",
+    )] | UnsetType = UNSET
+    workerStartMs: Annotated[int, _doc(
+        "the worker start the job waited through (workerStart)")] | UnsetType = UNSET
+    workerStart: Annotated[StartKindName, _doc(
+        "cold: a new worker process; snapshot: one started from the endpoint's snapshot image; "
+        "flash: a paused or parked worker resumed; warm: a running worker")] | UnsetType = UNSET
+    handlerMs: Annotated[int, _doc(
+        "from the worker taking the job to its result reaching the node agent (so far, while it runs)"
+    )] | UnsetType = UNSET
+    resultUploadMs: Annotated[int, _doc(
+        "from the result reaching the node agent to the final record being written (output stored)"
+    )] | UnsetType = UNSET
+
+
 class JobView(msgspec.Struct, frozen=True):
     """The job object: /status, a finished /runsync, the webhook body. Unset keys are left out."""
 
@@ -42,6 +72,13 @@ class JobView(msgspec.Struct, frozen=True):
     error: str | UnsetType = UNSET
     workerId: str | UnsetType = UNSET
     retries: int | UnsetType = UNSET
+    timings: JobTimingsView | UnsetType = UNSET
+    queuePosition: Annotated[int, _doc(
+        "a queued job: how many of the endpoint's jobs not yet taken were queued before it "
+        "(README: Queue position and ETA)")] | UnsetType = UNSET
+    etaMs: Annotated[int, _doc(
+        "a queued job: estimated ms until a worker takes it, from the endpoint's end rate over the "
+        "last minute; absent while nothing ended lately")] | UnsetType = UNSET
 
 
 class JobRef(msgspec.Struct, frozen=True):
@@ -68,6 +105,9 @@ class JobCounts(msgspec.Struct):
     inProgress: int = 0
     inQueue: int = 0
     retried: int = 0
+    queueDelayMs: Annotated[int, _doc(
+        "how long the endpoint's oldest job not yet taken has waited (0: none waits); an addition to "
+        "RunPod's /health")] = 0
 
 
 class WorkerCounts(msgspec.Struct):
