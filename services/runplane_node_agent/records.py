@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
@@ -13,6 +14,7 @@ from runplane_proto import subjects as s
 from runplane_proto.jobs import JobChanged, JobRecord, WebhookDue, is_terminal
 
 Change = Callable[[JobRecord], JobRecord | None]
+T = TypeVar("T")
 log = structlog.get_logger("runplane.node_agent.records")
 
 # How long a record write is retried on NATS errors: a JetStream cluster electing a leader for
@@ -28,23 +30,35 @@ class RecordWriter:
 
     async def update(self, key: str, record: JobRecord, revision: int) -> int:
         """Compare-and-set, retried on NATS errors (not on Conflict) for up to `retry_s`."""
-        deadline = time.monotonic() + self.retry_s
-        pause_s = 0.05
-        retried = False
-        while True:
+        tries = 0
+
+        async def write() -> int:
+            nonlocal tries
+            tries += 1
             try:
                 return await self.bus.jobs.update(key, record, revision)
             except Conflict:
-                if retried:  # an earlier try may have landed with its answer lost
+                if tries > 1:  # an earlier try may have landed with its answer lost
                     current = await self.bus.jobs.get(key)
                     if current is not None and current.value == record:
                         return current.revision
                 raise
+
+        return await self._retrying(write, record.id)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], job_id: str) -> T:
+        """`call()`, again after NATS errors (never after Conflict) until `retry_s` has passed."""
+        deadline = time.monotonic() + self.retry_s
+        pause_s = 0.05
+        while True:
+            try:
+                return await call()
+            except Conflict:
+                raise
             except Exception as exc:
-                retried = True
                 if time.monotonic() + pause_s > deadline:
                     raise
-                log.info("record write retried", job_id=record.id, error=repr(exc))
+                log.info("job write retried", job_id=job_id, error=repr(exc))
                 await asyncio.sleep(pause_s)
                 pause_s = min(pause_s * 2, 1.0)
 
@@ -78,7 +92,9 @@ class RecordWriter:
         await self.bus.publish(s.job_events(new.id), JobChanged(record=new))
         await self.bus.count_job_end(new)
         if new.webhook and is_terminal(new.status):
-            await self.bus.publish_durable(s.webhook_due(new.endpoint_id),
-                                           WebhookDue(job_id=new.id, endpoint_id=new.endpoint_id),
-                                           msg_id=f"{new.id}:{new.retries}")
+            # Retried like the write (the message id makes a repeat harmless): the record is
+            # terminal now, so nothing would send this again.
+            await self._retrying(lambda: self.bus.publish_durable(
+                s.webhook_due(new.endpoint_id), WebhookDue(job_id=new.id, endpoint_id=new.endpoint_id),
+                msg_id=f"{new.id}:{new.retries}"), new.id)
         return new

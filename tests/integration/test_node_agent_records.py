@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from runplane_bus import Bus, BusSettings
+from runplane_bus.topology import ensure_topology
 from runplane_node_agent.records import RecordWriter
 from runplane_proto import subjects as s
 from runplane_proto.jobs import JobPolicy, JobRecord
@@ -60,3 +61,27 @@ async def test_without_retries_the_same_write_fails(tmp_path):
     outcome, got = await _outage(tmp_path, retry_s=0.0)
     assert isinstance(outcome, Exception) and not isinstance(outcome, pytest.fail.Exception)
     assert got is not None and got.value.status == "IN_QUEUE"
+
+
+async def test_a_webhook_due_waits_for_its_stream(nats_server):
+    """The job's end is written, then its webhook is queued: the webhook stream being unavailable
+    in between (here deleted, then made again) must not drop it, since a terminal record is
+    never concluded again."""
+    bus = await Bus.connect(BusSettings(url=nats_server.url, request_timeout_s=1.0))
+    try:
+        key = s.job_key("ep", "job-1")
+        running = msgspec.structs.replace(_record(), status="IN_PROGRESS", attempts=1,
+                                          webhook="http://127.0.0.1:9/hook")
+        revision = await bus.jobs.create(key, running)
+        done = msgspec.structs.replace(running, status="COMPLETED", output_json=b"{}", completed_at_ms=2)
+        await bus.js.delete_stream(s.STREAM_WEBHOOKS)
+        conclude = asyncio.create_task(RecordWriter(bus, retry_s=30.0).conclude(
+            key, running, revision, lambda r: done))
+        await asyncio.wait([conclude], timeout=1.0)
+        assert not conclude.done() or conclude.exception() is None
+        assert (await bus.jobs.get(key)).value == done  # the end is written already
+        await ensure_topology(bus.js)
+        assert await asyncio.wait_for(conclude, 30) == done
+        assert (await bus.js.stream_info(s.STREAM_WEBHOOKS)).state.messages == 1
+    finally:
+        await bus.close()
