@@ -8,6 +8,7 @@ a time (a pull consumer of `rp-dead-letters`) and keeps only the small summaries
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -32,6 +33,9 @@ from runplane_gateway.wire import Deleted, encoder
 log = structlog.get_logger("runplane.gateway.dead_letters")
 
 MAX_LIMIT = 1000
+# `<failed at ms>_<job id>`: where a page ended.
+CURSOR_PATTERN = r"^[0-9]{1,15}_[A-Za-z0-9_-]{1,128}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
 MAX_REPLAY_BODY_BYTES = 1024 * 1024
 # The most dead letters one replay request names (`all` is not bounded by this).
 MAX_REPLAY_IDS = 1000
@@ -180,9 +184,9 @@ def _cursor(summary: DeadLetterSummary) -> str:
 def _after(raw: str | None) -> tuple[int, str] | None:
     if not raw:
         return None
-    at, sep, job_id = raw.partition("_")
-    if not sep or not at.isdigit() or not is_valid_id(job_id):
+    if _CURSOR.fullmatch(raw) is None:
         raise ApiError(400, f"after: not a cursor of this list: {raw[:80]!r}")
+    at, _, job_id = raw.partition("_")
     return (-int(at), job_id)
 
 

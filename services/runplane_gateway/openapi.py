@@ -111,7 +111,8 @@ OPS: dict[tuple[str, str], Op] = {
         query=(*_DEAD_FILTERS,
                ("limit", {"type": "integer", "minimum": 0, "maximum": 1000},
                 "at most this many (default 100, at most 1000)"),
-               ("after", "string", "the `next` of an earlier answer: the page after it"))),
+               ("after", {"type": "string", "pattern": dead_letters.CURSOR_PATTERN},
+                "the `next` of an earlier answer: the page after it"))),
     ("/v1/endpoints/{endpoint_id}/dead-letters", "delete"): Op(
         "Delete the dead letters the filters select (all without filters)", "dead letters",
         dead_letters.DeadLettersDeleted, query=_DEAD_FILTERS),
