@@ -3,6 +3,7 @@ node and an endpoint, submit a test job and see its output. Saves a screenshot."
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -58,6 +59,14 @@ def test_dashboard_shows_the_fleet_and_runs_a_job(cluster, tmp_path):
             expect(page.locator("#job-output")).to_contain_text('"upper": "FROM THE BROWSER"')
             job_id = page.locator("#job-id").inner_text()
             assert job_id.endswith("-r1")
+            # Where its time went: a bar per phase, the worker start named (the worker was up
+            # before the job: running, or paused by flash boot while idle).
+            phases = page.locator("#job-phases")
+            expect(phases.locator('li[data-phase="workerStartMs"]')).to_contain_text(
+                re.compile(r"worker start \((warm|flash)\)"))
+            for phase in ("queuedMs", "waitingForCapacityMs", "handlerMs", "resultUploadMs", "totalMs"):
+                expect(phases.locator(f'li[data-phase="{phase}"]')).to_contain_text(re.compile(r"\d+ ms|\d+\.\d s"))
+            expect(page.locator("#job-queue")).to_be_hidden()  # not queued any more
 
             # The recent jobs of the selected endpoint, and the counts, follow by polling.
             page.select_option("#jobs-endpoint", ep)

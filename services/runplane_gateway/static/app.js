@@ -233,11 +233,45 @@ async function followJob(endpoint, jobId) {
     $("job-status").className = "status " + job.status;
     $("job-timing").textContent = job.delayTime === undefined ? ""
       : `delay ${ms(job.delayTime)} · execution ${ms(job.executionTime)}` + (job.workerId ? ` · worker ${job.workerId}` : "");
+    renderQueue(job);
+    renderPhases(job.timings);
     if (job.output !== undefined) $("job-output").textContent = JSON.stringify(job.output, null, 2);
     if (job.error) $("job-output").textContent = job.error;
     if (TERMINAL.has(job.status) && !(stream.stream && stream.stream.length)) return;
     await new Promise((resolve) => setTimeout(resolve, 400));
   }
+}
+
+// Where the job's time went (/status `timings`): one bar per phase, its share of the total.
+const PHASES = [
+  ["waitingForCapacityMs", "waiting for capacity"],
+  ["workerStartMs", "worker start"],
+  ["queuedMs", "queued"],
+  ["handlerMs", "handler"],
+  ["resultUploadMs", "result upload"],
+];
+
+function renderPhases(timings) {
+  const list = $("job-phases");
+  list.hidden = !timings;
+  if (!timings) return;
+  const total = Math.max(timings.totalMs, 1);
+  list.replaceChildren(...PHASES.filter(([key]) => timings[key] !== undefined).map(([key, label]) => {
+    const name = key === "workerStartMs" && timings.workerStart ? `${label} (${timings.workerStart})` : label;
+    return el("li", { "data-phase": key },
+      el("span", { class: "phase-name", text: name }),
+      el("span", { class: "phase-bar", style: `width: ${Math.round((100 * timings[key]) / total)}%` }),
+      el("span", { class: "num", text: ms(timings[key]) }));
+  }), el("li", { "data-phase": "totalMs" }, el("span", { class: "phase-name", text: "total" }),
+    el("span", { class: "phase-bar total" }), el("span", { class: "num", text: ms(timings.totalMs) })));
+}
+
+function renderQueue(job) {
+  const line = $("job-queue");
+  line.hidden = job.queuePosition === undefined;
+  if (line.hidden) return;
+  line.textContent = `${job.queuePosition} job${job.queuePosition === 1 ? "" : "s"} ahead`
+    + (job.etaMs === undefined ? " · no estimate yet" : ` · starts in about ${ms(job.etaMs)}`);
 }
 
 // -- wiring --------------------------------------------------------------------------------------
