@@ -359,8 +359,11 @@ class Jobs:
                 return 200
             index = held.chunks
             try:
-                await self.bus.publish_durable(s.job_chunks(job_id),
-                                               StreamChunk(job_id=job_id, index=index, chunk_json=body))
+                # Retried on NATS errors (a chunk refused with 500 is dropped for good by RunPod's
+                # SDK); the id is per attempt, as a job run again numbers its chunks from 0.
+                await self.records.publish_durable(
+                    s.job_chunks(job_id), StreamChunk(job_id=job_id, index=index, chunk_json=body),
+                    msg_id=f"{job_id}:{held.record.attempts}:{index}", job_id=job_id)
             except MaxPayloadError:
                 return 413
             held.chunks = index + 1

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
+from nats.errors import MaxPayloadError
 
 from runplane_bus import Bus, Conflict
 from runplane_proto import subjects as s
@@ -46,6 +47,11 @@ class RecordWriter:
 
         return await self._retrying(write, record.id)
 
+    async def publish_durable(self, subject: str, msg: Any, *, msg_id: str, job_id: str) -> int:
+        """Publish to JetStream, retried on NATS errors for up to `retry_s`; `msg_id` makes a
+        repeat of a publish that landed with its answer lost harmless."""
+        return await self._retrying(lambda: self.bus.publish_durable(subject, msg, msg_id=msg_id), job_id)
+
     async def _retrying(self, call: Callable[[], Awaitable[T]], job_id: str) -> T:
         """`call()`, again after NATS errors (never after Conflict) until `retry_s` has passed."""
         deadline = time.monotonic() + self.retry_s
@@ -53,7 +59,7 @@ class RecordWriter:
         while True:
             try:
                 return await call()
-            except Conflict:
+            except (Conflict, MaxPayloadError):  # no retry changes these
                 raise
             except Exception as exc:
                 if time.monotonic() + pause_s > deadline:
@@ -92,9 +98,8 @@ class RecordWriter:
         await self.bus.publish(s.job_events(new.id), JobChanged(record=new))
         await self.bus.count_job_end(new)
         if new.webhook and is_terminal(new.status):
-            # Retried like the write (the message id makes a repeat harmless): the record is
-            # terminal now, so nothing would send this again.
-            await self._retrying(lambda: self.bus.publish_durable(
-                s.webhook_due(new.endpoint_id), WebhookDue(job_id=new.id, endpoint_id=new.endpoint_id),
-                msg_id=f"{new.id}:{new.retries}"), new.id)
+            # Retried like the write: the record is terminal now, so nothing would send this again.
+            await self.publish_durable(s.webhook_due(new.endpoint_id),
+                                       WebhookDue(job_id=new.id, endpoint_id=new.endpoint_id),
+                                       msg_id=f"{new.id}:{new.retries}", job_id=new.id)
         return new

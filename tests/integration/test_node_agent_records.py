@@ -15,7 +15,7 @@ from runplane_bus import Bus, BusSettings
 from runplane_bus.topology import ensure_topology
 from runplane_node_agent.records import RecordWriter
 from runplane_proto import subjects as s
-from runplane_proto.jobs import JobPolicy, JobRecord
+from runplane_proto.jobs import JobPolicy, JobRecord, StreamChunk
 from runplane_testing.natsserver import NatsServer
 
 
@@ -83,5 +83,26 @@ async def test_a_webhook_due_waits_for_its_stream(nats_server):
         await ensure_topology(bus.js)
         assert await asyncio.wait_for(conclude, 30) == done
         assert (await bus.js.stream_info(s.STREAM_WEBHOOKS)).state.messages == 1
+    finally:
+        await bus.close()
+
+
+async def test_a_stream_chunk_waits_for_its_stream_and_is_stored_once(nats_server):
+    """A job's stream chunk published while its stream is unavailable is stored once it is back
+    (RunPod's SDK drops a chunk answered with 500); sent again with the same id, it is not
+    stored twice."""
+    bus = await Bus.connect(BusSettings(url=nats_server.url, request_timeout_s=1.0))
+    try:
+        writer = RecordWriter(bus, retry_s=30.0)
+        chunk = StreamChunk(job_id="job-1", index=0, chunk_json=b'{"output": 1}')
+        await bus.js.delete_stream(s.STREAM_CHUNKS)
+        publish = asyncio.create_task(writer.publish_durable(s.job_chunks("job-1"), chunk,
+                                                             msg_id="job-1:1:0", job_id="job-1"))
+        await asyncio.wait([publish], timeout=1.0)
+        assert not publish.done() or publish.exception() is None
+        await ensure_topology(bus.js)
+        await asyncio.wait_for(publish, 30)
+        await writer.publish_durable(s.job_chunks("job-1"), chunk, msg_id="job-1:1:0", job_id="job-1")
+        assert (await bus.js.stream_info(s.STREAM_CHUNKS)).state.messages == 1
     finally:
         await bus.close()
