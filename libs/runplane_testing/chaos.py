@@ -168,7 +168,7 @@ async def _campaign(d: Deployment, settings: CampaignSettings) -> CampaignResult
     (d.workdir / "kills.tsv").write_text("".join(f"{k.at_s}\t{k.kind}\t{k.victim}\t{k.down_s}\n"
                                                  for k in driver.kills))
     report = account(load.accepted, load.maybe_tokens, records, _executions(executions_path), load.deliveries,
-                     frozenset(load.refused_tokens))
+                     frozenset(load.refused_tokens), frozenset(load.streams_followed))
     return CampaignResult(report=report, kills=driver.kills, load=load, workdir=d.workdir,
                           drained_s=drained_s, logs=d.logs() if report.violations else "")
 
@@ -281,6 +281,7 @@ def figures(result: CampaignResult) -> dict[str, float]:
         "lost": len(r.lost), "wrong output": len(r.wrong_output), "no reason": len(r.no_reason),
         "unexplained executions": len(r.unexplained_executions),
         "refused but left queued": len(r.refused_left_queued),
+        "streams read to the end missing chunks": len(r.streams_short),
     }
     for name, n in sorted(r.failed_by_cause.items()):
         out[f"failed: {name}"] = n

@@ -68,6 +68,10 @@ class Report:
     # Submits a gateway refused (5xx) that left a record behind anyway, still not terminal:
     # not accepted, so not lost, but a queued job nobody will hear of until its TTL.
     refused_left_queued: list[str] = field(default_factory=list)
+    # COMPLETED stream jobs read through /stream to the end that did not show every chunk index:
+    # not a violation, since /stream hands each chunk out once and a gateway can die after
+    # handing some out and before its answer reached the client.
+    streams_short: list[str] = field(default_factory=list)
 
     @property
     def violations(self) -> list[str]:
@@ -93,7 +97,8 @@ def _right_output(final: Final, kind: str) -> bool:
 
 def account(accepted: dict[str, Submitted], maybe_tokens: set[str], records: dict[str, Final],
             executions: Counter[str], deliveries: list[Delivery],
-            refused_tokens: frozenset[str] = frozenset()) -> Report:
+            refused_tokens: frozenset[str] = frozenset(), streams_followed: frozenset[str] = frozenset(),
+            chunks_per_stream: int = 3) -> Report:
     report = Report(submitted=len(accepted), maybe_accepted=len(maybe_tokens))
     tokens = {sub.token: sub for sub in accepted.values()}
     # Jobs accepted without the client hearing of it: accounted like the others.
@@ -146,6 +151,14 @@ def account(accepted: dict[str, Submitted], maybe_tokens: set[str], records: dic
         if sub is None or not all(_names_job(o, sub.token, delivery.job_id) for o in outputs):
             shown = str(delivery.output)[:120]
             report.wrong_output.append(f"{delivery.job_id}: {delivery.where} showed {shown}")
+    for job_id in sorted(streams_followed):
+        final = records.get(job_id)
+        if final is None or final.status != "COMPLETED":
+            continue
+        seen = {d.output.get("i") for d in deliveries
+                if d.job_id == job_id and d.where == "stream" and isinstance(d.output, dict)}
+        if not set(range(chunks_per_stream)) <= seen:
+            report.streams_short.append(f"{job_id}: chunks {sorted(i for i in seen if isinstance(i, int))}")
     return report
 
 

@@ -41,6 +41,7 @@ class Load:
     refused: Counter[str] = field(default_factory=Counter)
     refused_tokens: set[str] = field(default_factory=set)
     deliveries: list[Delivery] = field(default_factory=list)
+    streams_followed: set[str] = field(default_factory=set)  # /stream read until terminal
     submit_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> accepted submits' latency
     runsync_ms: dict[str, list[float]] = field(default_factory=dict)  # phase -> runsync answered COMPLETED
     ops: Counter[str] = field(default_factory=Counter)
@@ -172,6 +173,7 @@ class Load:
             for chunk in body.get("stream") or []:
                 self.deliveries.append(Delivery(job_id=job_id, where="stream", output=chunk.get("output")))
             if body.get("status") in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"):
+                self.streams_followed.add(job_id)
                 return
 
     async def _cancel(self, job_id: str) -> None:

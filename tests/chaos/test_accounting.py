@@ -84,3 +84,14 @@ def test_a_refused_submit_that_left_a_queued_record_is_reported_apart():
     records = {"z": _final("z", "t9", "IN_QUEUE")}
     report = account({}, set(), records, Counter(), [], frozenset({"t9"}))
     assert report.refused_left_queued == ["z (IN_QUEUE)"] and not report.violations
+
+
+def test_a_stream_read_to_the_end_without_every_chunk_is_reported_apart():
+    accepted = {"s": _sub("s", "t1", "stream"), "u": _sub("u", "t2", "stream")}
+    chunks = [{"token": "t1", "job": "s", "i": i} for i in range(3)]
+    records = {"s": _final("s", "t1", output=chunks), "u": _final("u", "t2", output=[
+        {"token": "t2", "job": "u", "i": i} for i in range(3)])}
+    deliveries = [Delivery("s", "stream", c) for c in chunks] + [
+        Delivery("u", "stream", {"token": "t2", "job": "u", "i": 0})]
+    report = account(accepted, set(), records, Counter(), deliveries, frozenset(), frozenset({"s", "u"}))
+    assert report.streams_short == ["u: chunks [0]"] and not report.violations
