@@ -94,11 +94,18 @@ async def test_a_full_queue_is_capped_cheap_to_watch_and_purged(cluster: Cluster
             error = resp.json()["error"]
             assert f"the cap is {CAP}" in error and "RP_QUEUE_CAP" in error and ep in error, error
         health = (await http.get(f"/v2/{ep}/health")).json()
+        delay_ms = health["jobs"].pop("queueDelayMs")
         assert health["jobs"] == {"completed": 0, "failed": 0, "inProgress": 0, "inQueue": CAP, "retried": 0}
+        assert delay_ms > 0  # the probe has waited since before the fill
         assert health["workers"]["throttled"] >= 1 and health["workers"]["idle"] == 0
 
         # /status and /health cost what they cost on an empty queue: nothing reads every job.
         status_full = await p50_ms(http, f"/v2/{ep}/status/{ids[CAP // 2]}")
+        # Places counted from the stream, however long the queue: the probe is first, the last
+        # answered submit among the last CONCURRENCY queued.
+        assert (await http.get(f"/v2/{ep}/status/{ids[0]}")).json()["queuePosition"] == 0
+        last = (await http.get(f"/v2/{ep}/status/{ids[-1]}")).json()["queuePosition"]
+        assert CAP - CONCURRENCY <= last <= CAP - 1, last
         health_full = await p50_ms(http, f"/v2/{ep}/health")
         assert status_full < 3 * status_empty + 10, (status_empty, status_full)
         assert health_full < 3 * health_empty + 10, (health_empty, health_full)
