@@ -285,7 +285,7 @@ async def test_runsync_fast_answers_the_result(stack: Stack) -> None:
     body = resp.json()
     assert resp.status_code == 200 and body["id"].startswith("sync-")
     assert body == {"id": body["id"], "status": "COMPLETED", "delayTime": 250, "executionTime": 1500,
-                    "output": {"echo": [1, 2]}, "workerId": "w1"}
+                    "output": {"echo": [1, 2]}, "workerId": "w1", "timings": _timings(250, 1500)}
     assert (await stack.record(ep, body["id"])).sync
 
 
@@ -311,17 +311,18 @@ async def test_status_shows_progress_then_the_result(stack: Stack) -> None:
     ep = await stack.endpoint()
     agent = stack.agent(ep)
     job_id = await stack.run(ep)
-    assert (await stack.http.get(f"/v2/{ep}/status/{job_id}")).json() == {"id": job_id, "status": "IN_QUEUE"}
+    assert (await stack.http.get(f"/v2/{ep}/status/{job_id}")).json() == {
+        "id": job_id, "status": "IN_QUEUE", "queuePosition": 0, "timings": {"totalMs": 0, "queuedMs": 0}}
     await agent.start(job_id)
     await agent.update(job_id, output_json=b'{"pct": 50}')
     stack.clock.advance(0.5)
     resp = await stack.http.post(f"/v2/{ep}/status/{job_id}")  # POST works as GET does
     assert resp.json() == {"id": job_id, "status": "IN_PROGRESS", "delayTime": 250, "executionTime": 500,
-                           "output": {"pct": 50}, "workerId": "w1"}
+                           "output": {"pct": 50}, "workerId": "w1", "timings": _timings(250, 500)}
     await agent.finish(job_id, output_json=b'"done"')
     resp = await stack.http.get(f"/v2/{ep}/status/{job_id}")
     assert resp.json() == {"id": job_id, "status": "COMPLETED", "delayTime": 250, "executionTime": 2000,
-                           "output": "done", "workerId": "w1"}
+                           "output": "done", "workerId": "w1", "timings": _timings(250, 2000)}
 
 
 async def test_status_sync_waits_for_the_end(stack: Stack) -> None:
@@ -436,8 +437,10 @@ async def test_retry(stack: Stack) -> None:
     assert record.input_json == b'{"n":1}'
     queued, msg = await agent.take()
     assert queued.job_id == job_id and msg.headers["Nats-Msg-Id"] == f"{job_id}:1"
-    assert (await stack.http.get(f"/v2/{ep}/status/{job_id}")).json() == {
-        "id": job_id, "status": "IN_QUEUE", "retries": 1}
+    view = (await stack.http.get(f"/v2/{ep}/status/{job_id}")).json()
+    assert view.pop("timings")["totalMs"] >= 0 and view.pop("queuePosition") == 0  # taken: none ahead
+    assert view.pop("etaMs") >= 1000  # one job ended lately: at most 1 per s
+    assert view == {"id": job_id, "status": "IN_QUEUE", "retries": 1}
 
     await agent.start(job_id)
     await agent.finish(job_id, output_json=b"2")
@@ -475,6 +478,7 @@ async def test_purge_queue_and_health(stack: Stack) -> None:
         WorkerInfo(worker_id="w5", endpoint_id=ep, state="idle", started_at_ms=now)]))
 
     health = (await stack.http.get(f"/v2/{ep}/health")).json()
+    assert health["jobs"].pop("queueDelayMs") >= 0  # the oldest queued job's age (test_job_timings)
     assert health == {"jobs": {"completed": 1, "failed": 1, "inProgress": 1, "inQueue": 3, "retried": 0},
                       "workers": {"idle": 1, "running": 1, "initializing": 1, "throttled": 0}}
     # Workers the scheduler cannot place: counted as throttled, with the reason.
@@ -569,12 +573,13 @@ async def test_webhook_is_delivered_with_a_retry(stack: Stack) -> None:
         await stack.bus.publish_durable(subjects.webhook_due(ep), WebhookDue(job_id=job_id, endpoint_id=ep))
         await async_wait_until(lambda: _ready(len(received) == 2), what="webhook retried")
         assert received[0] == received[1] == {"id": job_id, "status": "COMPLETED", "delayTime": 250,
-                                              "executionTime": 1500, "output": {"ok": True}, "workerId": "w1"}
+                                              "executionTime": 1500, "output": {"ok": True}, "workerId": "w1",
+                                              "timings": _timings(250, 1500)}
         # A job the gateway ends (cancel) gets its webhook from the gateway.
         cancelled = await stack.run(ep, {"input": 1, "webhook": url})
         await stack.http.post(f"/v2/{ep}/cancel/{cancelled}")
         await async_wait_until(lambda: _ready(len(received) == 3), what="cancel webhook")
-        assert received[2] == {"id": cancelled, "status": "CANCELLED"}
+        assert received[2] == {"id": cancelled, "status": "CANCELLED", "timings": {"totalMs": 0, "queuedMs": 0}}
         await async_wait_until(lambda: _consumer_idle(stack), what="webhook messages acked")
     finally:
         stop.set()
@@ -593,3 +598,8 @@ def _collect(into: list, codec: Codec):
 
 async def _ready(value: object) -> object:
     return value
+
+def _timings(delay_ms: int, handler_ms: int) -> dict:
+    """/status `timings` of a job this test's stand-in agent ran (it notes no start kind)."""
+    return {"totalMs": delay_ms + handler_ms, "queuedMs": delay_ms, "waitingForCapacityMs": 0,
+            "workerStartMs": 0, "handlerMs": handler_ms}
