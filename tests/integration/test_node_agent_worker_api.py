@@ -139,7 +139,8 @@ async def test_take_hands_over_input_and_extra_keys(bus, agent, http):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"id": job_id, "input": {"prompt": "ünïcode", "n": [1, 2]},
-                               "webhook": "http://hook.example/x", "s3Config": {"bucketName": "b"}}
+                               "webhook": "http://hook.example/x", "s3Config": {"bucketName": "b"},
+                               "attempt": 1}
     record = await wait_record(bus, ep, job_id, "IN_PROGRESS")
     assert record.worker_id == worker.worker_id and record.node_id == agent.settings.node_id
     assert record.attempts == 1 and record.started_at_ms
