@@ -26,6 +26,8 @@ from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.jobs import (
     CancelJob, JobChanged, JobPolicy, JobQueued, JobRecord, StreamChunk, WebhookDue,
 )
+from runplane_proto.dead_letters import DeadLetter
+from runplane_proto.idempotency import IdempotentSubmit
 from runplane_proto.leases import Lease
 from runplane_proto.logs import WorkerLogsReply, WorkerLogsRequest
 from runplane_proto.nodes import CommandReply, NodeStatus, StartWorker, StopWorker
@@ -62,7 +64,8 @@ def test_every_channel_read_by_a_service_is_fuzzed_here():
     """The channels fuzzed below are the contract's: a new channel must be added here."""
     fuzzed = {"job queue", "low-priority job queue", "job events", "job chunks", "job cancel",
               "webhook due", "node commands", "worker logs", "job records", "endpoint specs",
-              "node status", "leader leases", "scale targets", "placement status"}
+              "node status", "leader leases", "scale targets", "placement status", "dead letters",
+              "idempotent submits"}
     assert {c.name for c in s.REGISTRY if _reads(c)} == fuzzed
 
 
@@ -191,6 +194,31 @@ async def test_garbage_on_every_channel_is_counted_and_dropped(fuzz_cluster):
                 for key in keys[bucket]:
                     for _, data in variants:
                         await kv.put(key, data)
+            # Dead letters and idempotent submits (the gateway reads both): garbage on an unused
+            # key and on a live idempotency entry; the listing skips it, a repeat of the live key
+            # is answered with a clear error or a job, never a 5xx.
+            resp = await http.post(f"/v2/{ep}/run", json={"input": {"k": 1}}, headers={"Idempotency-Key": "k1"})
+            assert resp.status_code == 200, resp.text
+            dead = await js.key_value(s.KV_DEAD_LETTERS)
+            idem = await js.key_value(s.KV_IDEMPOTENCY)
+            live_idem = [k for k in await idem.keys() if k.startswith(f"{ep}.")]
+            assert len(live_idem) == 1
+            dead_sample = DeadLetter(job_id="junkjob", endpoint_id=ep, status="FAILED", error="e",
+                                     submitted_at_ms=1, failed_at_ms=2,
+                                     policy=JobPolicy(execution_timeout_ms=60_000, ttl_ms=60_000))
+            idem_sample = IdempotentSubmit(job_id="junkjob", endpoint_id=ep, created_at_ms=1, body_sha256="0")
+            for seed, (kv, sample, names) in enumerate(((dead, dead_sample, [f"{ep}.junkjob"]),
+                                                        (idem, idem_sample, [f"{ep}.junk", *live_idem])), start=30):
+                variants = garbage(sample, other=queued, seed=seed)
+                variants.append(variants[1])
+                for key in names:
+                    for _, data in variants:
+                        await kv.put(key, data)
+            resp = await http.get(f"/v1/endpoints/{ep}/dead-letters")
+            assert resp.status_code == 200 and resp.json()["deadLetters"] == [], resp.text
+            resp = await http.post(f"/v2/{ep}/run", json={"input": {"k": 1}}, headers={"Idempotency-Key": "k1"})
+            assert resp.status_code < 500 and "error" in resp.json() or "id" in resp.json(), resp.text
+
             # Well-formed entries under a key that is not theirs.
             await buckets[s.KV_SCALE].put("forged", encode(ScaleTarget(endpoint_id=ep, desired_workers=9)))
             await buckets[s.KV_NODES].put("forged", encode(NodeStatus(
