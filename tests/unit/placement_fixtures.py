@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 
 from runplane_proto.endpoints import EndpointSpec
-from runplane_proto.nodes import GpuInfo, NodeStatus, WorkerInfo
+from runplane_proto.nodes import GpuInfo, NodeStatus, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
 from runplane_scheduler.cluster import Snapshot
-from runplane_scheduler.placement import Chooser, Option, ledger, place, select
+from runplane_scheduler.placement import Chooser, Option, Plan, ledger, place, select
 
 NOW = 1_700_000_000_000
 
@@ -55,3 +55,18 @@ def assert_heaps_choose_what_a_scan_chooses(snapshot: Snapshot, turns: list[str]
 
 def assert_same_snapshot_same_plan(snapshot: Snapshot) -> None:
     assert place(snapshot, NOW, ids()) == place(snapshot, NOW, ids())
+
+
+def without_fair_share_stops(plan: Plan, snapshot: Snapshot) -> Plan:
+    """The plan without the stops fair share makes (an idle worker giving way to a GPU
+    endpoint that finds no capacity: test_placement_fair_share.py), after checking that each
+    is of an idle worker holding no job, only-if-idle, while some GPU endpoint is unplaced."""
+    workers = {w.worker_id: w for n in snapshot.nodes.values() for w in n.workers}
+    unplaced = {u.endpoint_id for u in plan.unplaced}
+    fair = [c for c in plan.commands
+            if isinstance(c.message, StopWorker) and c.message.reason.startswith("fair share")]
+    for command in fair:
+        info = workers[command.message.worker_id]
+        assert info.state == "idle" and not info.jobs and command.message.only_if_idle
+        assert any(snapshot.endpoints[e].gpu_count > 0 for e in unplaced if e in snapshot.endpoints)
+    return Plan(commands=[c for c in plan.commands if c not in fair], unplaced=plan.unplaced)

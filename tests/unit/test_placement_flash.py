@@ -17,7 +17,7 @@ from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, Snaps
 from runplane_scheduler.placement import desired_workers, ledger, live_workers, place
 
 from placement_fixtures import (NOW, assert_heaps_choose_what_a_scan_chooses, assert_same_snapshot_same_plan,
-                                ep, ids, node, snap)
+                                ep, ids, node, snap, without_fair_share_stops)
 
 
 def gpu(index: int, node: str = "n", name: str = "NVIDIA H100 80GB HBM3") -> GpuInfo:
@@ -284,15 +284,8 @@ def test_stops_and_counts_with_parked_workers(snapshot):
     plan = place(snapshot, NOW, ids())
     reported = _reported(snapshot)
     live = live_workers(snapshot)
+    plan = without_fair_share_stops(plan, snapshot)
     unplaced = {u.endpoint_id for u in plan.unplaced}
-    # Fair share: an idle worker of one GPU endpoint may give way to another that finds no
-    # capacity (test_placement_fair_share.py); such stops are checked here, then set aside.
-    fair = [c for c in plan.commands if isinstance(c.message, StopWorker) and c.message.reason.startswith("fair share")]
-    for command in fair:
-        info = reported[command.message.worker_id][1]
-        assert info.state == "idle" and not info.jobs and command.message.only_if_idle
-        assert any(snapshot.endpoints[e].gpu_count > 0 for e in unplaced if e in snapshot.endpoints)
-    plan = msgspec.structs.replace(plan, commands=[c for c in plan.commands if c not in fair])
     for command in plan.commands:
         message = command.message
         if isinstance(message, StopWorker):
