@@ -91,7 +91,7 @@ fi
 [[ "$runtime" == auto ]] && { [[ $docker_ok -eq 1 ]] && runtime=docker || runtime=process; }
 
 gpu=0
-if ldconfig -p 2>/dev/null | grep -q 'libnvidia-ml\.so\.1'; then
+if ldconfig -p 2>/dev/null | grep 'libnvidia-ml\.so\.1' >/dev/null; then
   gpu=1
   if command -v nvidia-smi >/dev/null; then
     ok "NVIDIA driver: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c \
@@ -103,7 +103,7 @@ else
   warn "NVIDIA driver: NVML (libnvidia-ml.so.1) not found: this node reports no GPUs (a CPU node)"
 fi
 if command -v nvidia-ctk >/dev/null || command -v nvidia-container-runtime-hook >/dev/null \
-   || { [[ $docker_ok -eq 1 ]] && docker info -f '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia; }; then
+   || { [[ $docker_ok -eq 1 ]] && docker info -f '{{json .Runtimes}}' 2>/dev/null | grep nvidia >/dev/null; }; then
   ok "NVIDIA container toolkit: containers can be given GPUs"
 elif [[ $gpu -eq 1 && "$runtime" == docker ]]; then
   warn "NVIDIA container toolkit not found: GPU workers in containers will fail" \

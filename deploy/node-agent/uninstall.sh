@@ -20,7 +20,8 @@ done
 [[ $(id -u) -eq 0 ]] || { echo "uninstall: run this as root" >&2; exit 1; }
 
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
-  if systemctl list-unit-files "$unit_name.service" 2>/dev/null | grep -q "^$unit_name.service"; then
+  # (grep without -q reads all of it: with pipefail an early exit could fail systemctl by SIGPIPE)
+  if systemctl list-unit-files "$unit_name.service" 2>/dev/null | grep "^$unit_name.service" >/dev/null; then
     systemctl disable -q --now "$unit_name" || true
     echo "stopped and disabled $unit_name"
   fi
