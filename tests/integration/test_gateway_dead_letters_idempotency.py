@@ -19,6 +19,7 @@ from runplane_gateway.app import Gateway
 from runplane_gateway.settings import GatewaySettings
 from runplane_proto import subjects
 from runplane_proto.jobs import JobAttempt, JobChanged, JobPolicy, JobRecord
+from runplane_service.clock import FakeClock
 from runplane_testing.waiting import async_wait_until
 
 KEY = "test-bootstrap-admin-key"
@@ -153,6 +154,58 @@ async def test_runsync_repeat_waits_for_the_same_job(replicas) -> None:
         assert one.json()["id"] == two.json()["id"] == done.id
         assert one.json()["output"] == two.json()["output"] == {"ok": True}
         assert "idempotent-replayed" not in one.headers and two.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_repeat_after_the_record_is_gone_answers_expired_and_queues_nothing(nats_server) -> None:
+    """The key's window (24 h by default) outlives the job's record (30 min for /run): a repeat
+    inside the window whose record is gone answers the original id with status EXPIRED, as a
+    replay, and queues nothing; /status of the job is a 404. A record missing just after the
+    first submit (still being written) reads IN_QUEUE instead. The gateway's clock is a fake."""
+    clock = FakeClock(start_ms=int(time.time() * 1000))
+    settings = msgspec.structs.replace(SETTINGS, idempotency_window_s=3600)
+    bus = await Bus.connect(BusSettings(url=nats_server.url, name="gateway-fake-clock"))
+    gateway = await Gateway.start(bus, settings, clock=clock, webhooks=False)
+    try:
+        async with Replica(bus, gateway).client() as http:
+            ep = await _endpoint(http, "idem-expired")
+            h = {"Idempotency-Key": "order-9"}
+            job_id = (await http.post(f"/v2/{ep}/run", json={"input": 1}, headers=h)).json()["id"]
+            key = subjects.job_key(ep, job_id)
+            got = await bus.jobs.get(key)
+            now_ms = clock.now_ms()
+            await bus.jobs.update(key, msgspec.structs.replace(
+                got.value, status="COMPLETED", output_json=b"1", started_at_ms=now_ms, completed_at_ms=now_ms),
+                got.revision)
+
+            async def repeats_answer(status: str) -> None:
+                for path in ("run", "runsync"):
+                    resp = await http.post(f"/v2/{ep}/{path}", json={"input": 1}, headers=h)
+                    assert resp.status_code == 200, resp.text
+                    assert resp.json() == {"id": job_id, "status": status}, (path, resp.text)
+                    assert resp.headers["idempotent-replayed"] == "true"
+                assert await _queued(http, ep) == 1  # only the first submit's job
+                assert len(await bus.jobs.keys(subjects.endpoint_jobs_filter(ep))) <= 1
+
+            # Past the result retention: the gateway hides the record (the janitor deletes it later).
+            clock.advance(settings.result_retention_s + 1)
+            assert (await http.get(f"/v2/{ep}/status/{job_id}")).status_code == 404
+            await repeats_answer("EXPIRED")
+            # Deleted by the janitor: the same answer.
+            await bus.jobs.delete(key)
+            await repeats_answer("EXPIRED")
+
+            # A key whose record is missing moments after its submit: taken as still being written.
+            h = {"Idempotency-Key": "order-10"}
+            job_id = (await http.post(f"/v2/{ep}/run", json={"input": 2}, headers=h)).json()["id"]
+            await bus.jobs.delete(subjects.job_key(ep, job_id))
+            resp = await http.post(f"/v2/{ep}/run", json={"input": 2}, headers=h)
+            assert resp.json() == {"id": job_id, "status": "IN_QUEUE"}, resp.text
+            clock.advance(11)
+            resp = await http.post(f"/v2/{ep}/run", json={"input": 2}, headers=h)
+            assert resp.json() == {"id": job_id, "status": "EXPIRED"}, resp.text
+    finally:
+        await gateway.stop()
+        await bus.close()
 
 
 # -- dead letters ----------------------------------------------------------------------------------
