@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+import httpx
 import pytest
 
 from runplane_bus import Bus, BusSettings
@@ -39,6 +40,19 @@ def _runsync(cluster, ep: str, payload: object) -> dict:
 
 def _parked(watch: NodeWatch, ep: str) -> list:
     return [w for _, w in watch.workers(ep, parked=True) if w.state == "parked"]
+
+
+def _agent_sample(cluster, name: str, **labels: str) -> float:
+    """A sample of the node agent's /metrics (0 when it has none yet)."""
+    port = cluster.services["node1"].env["RP_AGENT_PORT"]
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _refused_starts(cluster) -> float:
+    return _agent_sample(cluster, "rp_node_agent_commands_total", command="start_worker", ok="false")
 
 
 def test_an_idle_flash_endpoint_parks_its_worker_and_the_next_job_wakes_it():
@@ -94,7 +108,13 @@ def test_a_prewarm_that_does_not_fit_the_pool_is_not_retried_in_a_loop():
         ep = _flash_endpoint(cluster, "prewarmfull", prewarmWorkers=1, env={"HOLD_MB": "40"})
         wait_until(lambda: watch.ids_seen(ep) or None, timeout_s=30, what="the first pre-warm started")
         wait_until(lambda: not watch.workers(ep, parked=True), timeout_s=30, what="it was stopped")
-        time.sleep(6)  # several back-off periods and scheduler rounds
+        # Each later round is a pre-warm the node refuses (once per 1 s back-off): wait for three
+        # such rounds, then one more as the settle, counted on the agent's /metrics.
+        refused = wait_until(lambda: (lambda n: n if n >= 3 else None)(_refused_starts(cluster)), timeout_s=30,
+                             interval_s=0.2, what="three pre-warms refused")
+        wait_until(lambda: _refused_starts(cluster) > refused, timeout_s=30, interval_s=0.2,
+                   what="one more pre-warm refused")
+        assert _agent_sample(cluster, "rp_node_agent_worker_starts_total", endpoint=ep) == 1
         assert len(watch.ids_seen(ep)) == 1, watch.ids_seen(ep)
         assert "cannot pre-warm here: the parking pool has" in cluster.logs()
         # The endpoint itself still works (a cold start).
