@@ -6,20 +6,17 @@ one directory, each killable with SIGKILL and restartable on the same ports and 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
-import signal
-import subprocess
 import tempfile
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runplane_bus import Bus, BusSettings
 from runplane_proto import subjects
 from runplane_testing.cluster import ServiceProc
-from runplane_testing.natsserver import free_port, nats_server_binary, wait_port
+from runplane_testing.natscluster import NatsNode, nats_members
+from runplane_testing.natsserver import free_port, wait_port
 from runplane_testing.waiting import async_wait_until
 
 # Short failure timings (as tests/system uses), long result retention (the accounting reads
@@ -38,64 +35,6 @@ CHAOS_ENV = {
     "RP_LOG_FORMAT": "console",
     "RP_LOG_LEVEL": "INFO",
 }
-
-
-@dataclass
-class NatsNode:
-    """One member of the cluster; restarted on the same ports with the same store."""
-
-    name: str
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    cluster_port: int = field(default_factory=free_port)
-    monitor_port: int = field(default_factory=free_port)
-    routes: tuple[str, ...] = ()
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"{self.name}.log"
-
-    def start(self) -> NatsNode:
-        store = self.workdir / f"{self.name}-store"
-        store.mkdir(parents=True, exist_ok=True)
-        argv = [nats_server_binary(), "-js", "-sd", str(store), "-n", self.name, "-a", "127.0.0.1",
-                "-p", str(self.port), "-m", str(self.monitor_port), "--cluster_name", "runplane",
-                "--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", ",".join(self.routes)]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_port("127.0.0.1", self.port, timeout_s=15)
-        return self
-
-    def kill(self) -> None:
-        if self.alive:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def healthy(self) -> bool:
-        """The server's own JetStream health check (meta leader known, streams current)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=2) as resp:
-                return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
-        except Exception:
-            return False
 
 
 @dataclass
@@ -124,11 +63,8 @@ class Deployment:
 
     async def start(self) -> Deployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        names = [f"nats-{i}" for i in range(3)]
-        self.nats = [NatsNode(name, self.workdir) for name in names]
-        routes = tuple(f"nats://127.0.0.1:{node.cluster_port}" for node in self.nats)
+        self.nats = nats_members(self.workdir)
         for node in self.nats:
-            node.routes = routes
             await asyncio.to_thread(node.start)
         await self.wait_nats_healthy(timeout_s=60)
         self.bus = await Bus.connect(BusSettings(url=self.nats_urls, name="chaos-harness", replicas=3))

@@ -1,25 +1,21 @@
-"""nats-server run with the configs of deploy/nats (users, permissions, cluster), and the
-four services logging in as their own users: what an install runs, on free local ports."""
+"""The four services logging in as their own NATS users (the servers, run with the configs of
+deploy/nats: runplane_testing.natscluster): what an install runs, on free local ports."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import subprocess
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from runplane_testing.cluster import ServiceProc
-from runplane_testing.natsserver import free_port, nats_server_binary, wait_port
+from runplane_testing.natscluster import NatsNode
+from runplane_testing.natsserver import free_port, wait_port
 from runplane_testing.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-NATS_DIR = ROOT / "deploy" / "nats"
-ROLES = ("gateway", "scheduler", "autoscaler", "node-agent")
 MODULES = {"gateway": "runplane_gateway", "scheduler": "runplane_scheduler",
            "autoscaler": "runplane_autoscaler", "node-agent": "runplane_node_agent"}
 
@@ -32,82 +28,6 @@ FAST_ENV = {
     "RP_STOP_GRACE_S": "2",
     "RP_LEASE_TTL_S": "2",
 }
-
-
-def password_variable(user: str) -> str:
-    return "RP_NATS_" + user.upper().replace("-", "_") + "_PASSWORD"
-
-
-def new_passwords() -> dict[str, str]:
-    # Letters and digits, a letter first: nats-server parses a variable's value as a config value.
-    return {user: "rp" + secrets.token_hex(16) for user in (*ROLES, "admin")}
-
-
-@dataclass
-class ConfiguredNats:
-    """One nats-server started with `-c deploy/nats/<config>`; only addresses are given on the
-    command line (they override the file), everything else comes from the file."""
-
-    workdir: Path
-    passwords: dict[str, str]
-    config: Path = NATS_DIR / "single.conf"
-    name: str = "runplane-1"
-    cluster_port: int = 0
-    routes: tuple[str, ...] = ()
-    host: str = "127.0.0.1"  # where clients connect (containers: the Docker bridge's address)
-    port: int = field(default_factory=free_port)
-    monitor_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"{self.name}.log"
-
-    def start(self) -> ConfiguredNats:
-        store = self.workdir / f"{self.name}-store"
-        store.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, RP_NATS_STORE_DIR=str(store), RP_NATS_SERVER_NAME=self.name)
-        env.update({password_variable(user): pw for user, pw in self.passwords.items()})
-        argv = [nats_server_binary(), "-c", str(self.config), "-a", self.host, "-p", str(self.port),
-                "-m", str(self.monitor_port)]
-        if self.cluster_port:
-            argv += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", ",".join(self.routes)]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_port(self.host, self.port, timeout_s=15)
-        except TimeoutError:
-            raise AssertionError(f"nats-server did not start:\n{self.log_text()}") from None
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def violations(self) -> list[str]:
-        """Every permission or authorization violation the server logged."""
-        return [line for line in self.log_text().splitlines() if "Violation" in line]
-
-    def monitor(self, path: str) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5) as resp:
-            return json.loads(resp.read())
 
 
 def service_env(role: str, nats_urls: str, password_file: Path, **extra: str) -> dict[str, str]:
@@ -124,7 +44,7 @@ def service_env(role: str, nats_urls: str, password_file: Path, **extra: str) ->
 class AuthCluster:
     """The four services as processes against `servers`, each logged in as its own user."""
 
-    servers: list[ConfiguredNats]
+    servers: list[NatsNode]
     workdir: Path
     passwords: dict[str, str]
     env: dict[str, str] = field(default_factory=dict)

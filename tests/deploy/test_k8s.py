@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.natsauth import ROLES, password_variable
+from runplane_testing.natscluster import ROLES, password_variable
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

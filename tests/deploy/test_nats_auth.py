@@ -18,8 +18,9 @@ import pytest
 
 from runplane_bus import Bus, BusSettings
 from runplane_proto import subjects as s
+from runplane_testing.natscluster import NATS_DIR, ROLES, NatsNode, new_passwords
 from runplane_testing.waiting import wait_until
-from tests.deploy.natsauth import ROLES, AuthCluster, ConfiguredNats, new_passwords
+from tests.deploy.natsauth import AuthCluster
 
 pytestmark = pytest.mark.system
 
@@ -31,7 +32,7 @@ LARGE = "x" * (300 * 1024)  # above the 256 KiB inline limit: kept in the object
 def secured(tmp_path_factory, request):
     workdir = tmp_path_factory.mktemp("nats-auth")
     passwords = new_passwords()
-    server = ConfiguredNats(workdir, passwords).start()
+    server = NatsNode(workdir, config=NATS_DIR / "single.conf", passwords=passwords).start()
     cluster = AuthCluster([server], workdir, passwords, env={
         "RP_RESULT_RETENTION_S": "4", "RP_SYNC_RESULT_RETENTION_S": "4", "RP_JANITOR_INTERVAL_S": "1",
     })

@@ -12,9 +12,9 @@ import nats
 import pytest
 
 from runplane_proto import subjects as s
-from runplane_testing.natsserver import free_port
+from runplane_testing.natscluster import NATS_DIR, NatsNode, nats_members, new_passwords
 from runplane_testing.waiting import wait_until
-from tests.deploy.natsauth import NATS_DIR, AuthCluster, ConfiguredNats, new_passwords
+from tests.deploy.natsauth import AuthCluster
 
 pytestmark = pytest.mark.system
 
@@ -25,10 +25,7 @@ ECHO = [sys.executable, "examples/echo/handler.py"]
 def nats_cluster(tmp_path_factory, request):
     workdir = tmp_path_factory.mktemp("nats-cluster")
     passwords = new_passwords()
-    route_ports = [free_port() for _ in range(3)]
-    routes = tuple(f"nats://127.0.0.1:{port}" for port in route_ports)
-    servers = [ConfiguredNats(workdir, passwords, config=NATS_DIR / "cluster.conf", name=f"nats-{i}",
-                              cluster_port=port, routes=routes) for i, port in enumerate(route_ports)]
+    servers = nats_members(workdir, config=NATS_DIR / "cluster.conf", passwords=passwords)
     try:
         for server in servers:
             server.start()
@@ -41,7 +38,7 @@ def nats_cluster(tmp_path_factory, request):
             server.stop()
 
 
-def meta_cluster(server: ConfiguredNats) -> dict | None:
+def meta_cluster(server: NatsNode) -> dict | None:
     return server.monitor("/jsz").get("meta_cluster")
 
 

@@ -7,7 +7,7 @@ import importlib.util
 import sys
 
 from runplane_proto import subjects as s
-from tests.deploy.natsauth import NATS_DIR, ROLES
+from runplane_testing.natscluster import NATS_DIR, ROLES
 
 
 def generator():

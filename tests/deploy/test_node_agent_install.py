@@ -24,7 +24,8 @@ from runplane_bus import Bus, BusSettings
 from runplane_proto import subjects as s
 from runplane_proto.nodes import NodeStatus
 from runplane_testing.waiting import wait_until
-from tests.deploy.natsauth import ROOT, AuthCluster, ConfiguredNats, new_passwords
+from runplane_testing.natscluster import NATS_DIR, NatsNode, new_passwords
+from tests.deploy.natsauth import ROOT, AuthCluster
 from tests.docker.conftest import docker
 
 pytestmark = pytest.mark.docker
@@ -79,7 +80,7 @@ def control_plane(tmp_path_factory, request):
     bridge = docker("network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}").strip()
     workdir = tmp_path_factory.mktemp("install")
     passwords = new_passwords()
-    server = ConfiguredNats(workdir, passwords, host=bridge).start()
+    server = NatsNode(workdir, config=NATS_DIR / "single.conf", passwords=passwords, host=bridge).start()
     cluster = AuthCluster([server], workdir, passwords)
     try:
         cluster.start(nodes=0)
@@ -138,7 +139,7 @@ async def _node(url: str, password: str, node_id: str) -> NodeStatus | None:
         await bus.close()
 
 
-def node_status(server: ConfiguredNats, cluster: AuthCluster, node_id: str) -> NodeStatus | None:
+def node_status(server: NatsNode, cluster: AuthCluster, node_id: str) -> NodeStatus | None:
     return asyncio.run(_node(server.url, cluster.passwords["admin"], node_id))
 
 
