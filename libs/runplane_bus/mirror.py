@@ -32,13 +32,20 @@ _DELETED = ("DEL", "PURGE")
 class Mirror(Generic[T]):
     """`await Mirror(typed_kv).start()`, then `mirror.values()`; `on_change(key, old, new)`
     is called (synchronously) for every applied change, None standing for "absent", e.g. to
-    wake a control loop when something it cares about changed."""
+    wake a control loop when something it cares about changed.
+
+    `refresh(held, data)` may spare decoding a value in full: given the value held for the
+    key and the new bytes, it returns the value to hold instead (say, the held one with a
+    new heartbeat time, when the bytes say nothing else the reader uses has changed), or
+    None to decode them as usual."""
 
     def __init__(self, store: TypedKV[T], *, resync_s: float = 30.0,
-                 on_change: Callable[[str, T | None, T | None], None] | None = None) -> None:
+                 on_change: Callable[[str, T | None, T | None], None] | None = None,
+                 refresh: Callable[[T, bytes], T | None] | None = None) -> None:
         self.store = store
         self.resync_s = resync_s
         self.on_change = on_change
+        self.refresh = refresh
         self._values: dict[str, T] = {}
         self._revisions: dict[str, int] = {}  # includes tombstones of deleted keys
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,11 +108,14 @@ class Mirror(Generic[T]):
             if self._values.pop(key, None) is None and not force:
                 return
         else:
+            new = self.refresh(old, data) if self.refresh is not None and old is not None else None
             try:
-                new = self._values[key] = self.store.codec.decode(data)
+                if new is None:
+                    new = self.store.codec.decode(data)
             except DecodeError as exc:  # garbage: keep the last good value, if any
                 undecodable(self.store.kv._name, key, exc)
                 return
+            self._values[key] = new
         self.applied += 1
         if self.on_change is not None:
             self.on_change(key, old, new)

@@ -23,7 +23,7 @@ from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.ids import new_worker_id
 from runplane_proto.nodes import CommandReply, NodeStatus, StartWorker
 from runplane_proto.scaling import PlacementStatus, ScaleTarget
-from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, split_nodes
+from runplane_scheduler.cluster import Pending, PendingStart, PendingStop, heartbeat, split_nodes
 from runplane_scheduler.janitor import delete_at_revision
 from runplane_scheduler.metrics import (COMMANDS, ERRORS, NODES_ALIVE, NODES_LOST, PENDING_STARTS,
                                         START_TIMEOUTS, TICK_SECONDS, TICKS, UNPLACED)
@@ -37,6 +37,37 @@ log = structlog.get_logger("runplane.scheduler")
 REPLY = Codec(CommandReply)
 # Stands for a key an earlier leader wrote, until this one decides about it.
 _STALE = Unplaced(endpoint_id="", missing=-1, reason="")
+_NODE_WAKE_GAP_S = 0.1
+
+
+class _Throttle:
+    """Sets `event` at once, or, within `gap_s` of the last time, when the gap has passed."""
+
+    def __init__(self, event: asyncio.Event, gap_s: float) -> None:
+        self.event = event
+        self.gap_s = gap_s
+        self._last = -gap_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait_s = self._last + self.gap_s - loop.time()
+        if wait_s <= 0:
+            self._fire()
+        else:
+            self._timer = loop.call_later(wait_s, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._last = asyncio.get_running_loop().time()
+        self.event.set()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Scheduler:
@@ -72,15 +103,20 @@ class Scheduler:
                     new and (new.desired_workers, new.prewarm_workers)):
                 wake.set()
 
+        # On a large fleet some node changes its workers all the time: at most one round
+        # more per _NODE_WAKE_GAP_S for them.
+        node_wake = _Throttle(wake, _NODE_WAKE_GAP_S)
+
         def node_changed(_: str, old: NodeStatus | None, new: NodeStatus | None) -> None:
             # Workers wait for capacity: a node that joins, leaves or changes its workers
-            # (not a mere heartbeat) may have freed some; decide at once.
+            # (not a mere heartbeat) may have freed some; decide soon.
             if self._unplaced and (old is None or new is None or not new.layout_version
                                    or old.layout_version != new.layout_version):
-                wake.set()
+                node_wake()
 
         self._mirrors = (
-            Mirror(self.bus.nodes, on_change=node_changed),
+            # A mere heartbeat only moves the held status's heartbeat time (no full decode).
+            Mirror(self.bus.nodes, on_change=node_changed, refresh=heartbeat),
             Mirror(self.bus.endpoints, on_change=lambda *_: wake.set()),
             Mirror(self.bus.scale, on_change=count_changed),
         )
@@ -90,6 +126,7 @@ class Scheduler:
             await every(self.settings.schedule_interval_s, stop, self.tick, on_error=_tick_failed,
                         observe_s=TICK_SECONDS.observe, wake=wake)
         finally:
+            node_wake.cancel()
             for task in list(self._sending):
                 task.cancel()
             for mirror in self._mirrors or ():
@@ -123,7 +160,6 @@ class Scheduler:
         try:
             plan = place(snapshot, now_ms, self.new_id, workers_per_cpu=self.settings.workers_per_cpu,
                          views=self._views)
-            self._views.keep_only(set(alive))
         except Exception:
             ERRORS.labels(step="place").inc()
             log.exception("placement failed")

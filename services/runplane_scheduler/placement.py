@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ from runplane_proto.ids import new_worker_id
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
 from runplane_scheduler.cluster import Snapshot
+from runplane_scheduler.node_views import Live, NodeView, NodeViews, free_groups
 
 DEFAULT_WORKERS_PER_CPU = 4.0
 
@@ -98,11 +99,13 @@ class NodeUse:
     used_gpus: set[str] | frozenset[str] = field(default_factory=set)
     # Workers in any state but parked, starts in flight and starts planned: each takes a worker slot.
     workers: int = 0
-    # Bumped by every assignment, so cached options for this node can be told apart.
+    # Tells this state apart from any other of the node's (cached chooser entries carry it):
+    # its view's serial until the plan changes it, then -1, -2, ...
     version: int = 0
     _free: dict[str, list[GpuInfo]] | None = None
     # GPUs of parked workers that may be evicted for another endpoint: uuid -> the worker.
     parked_gpus: dict[str, WorkerInfo] = field(default_factory=dict)
+    _edits: int = 0
 
     def slots(self, workers_per_cpu: float) -> int:
         return max(1, math.floor(self.node.cpu_count * workers_per_cpu))
@@ -110,12 +113,14 @@ class NodeUse:
     def free_groups(self) -> dict[str, list[GpuInfo]]:
         """Free GPUs grouped by normalised name, each group in (index, uuid) order."""
         if self._free is None:
-            groups: dict[str, list[GpuInfo]] = {}
-            for g in sorted(self.node.gpus, key=lambda g: (g.index, g.uuid)):
-                if g.uuid not in self.used_gpus:
-                    groups.setdefault(_norm(g.name), []).append(g)
-            self._free = groups
+            self._free = free_groups(self.node.gpus, self.used_gpus)
         return self._free
+
+    def touch(self) -> None:
+        """The node's capacity changed: a new version (its cached options no longer hold)."""
+        self._edits += 1
+        self.version = -self._edits
+        self._free = None
 
     def assign(self, gpu_uuids: tuple[str, ...] | list[str]) -> None:
         self.workers += 1
@@ -125,8 +130,7 @@ class NodeUse:
             # handed out again before the node reports it gone.
             evicted = {self.parked_gpus[u].worker_id for u in gpu_uuids if u in self.parked_gpus}
             self.parked_gpus = {u: w for u, w in self.parked_gpus.items() if w.worker_id not in evicted}
-        self.version += 1
-        self._free = None
+        self.touch()
 
     def evictable_groups(self, endpoint_id: str) -> dict[str, list[GpuInfo]]:
         """Free GPUs and those held only by parked workers of other endpoints, grouped by
@@ -139,144 +143,123 @@ class NodeUse:
         return groups
 
 
-@dataclass(frozen=True)
-class Live:
-    """A worker that counts towards its endpoint: reported (and not stopping) or starting."""
-
-    worker_id: str
-    node_id: str
-    info: WorkerInfo | None  # None for a start in flight
+def own_use(view: NodeView) -> NodeUse:
+    """What the node holds by its own report (a stopping or parked worker still holds its GPUs)."""
+    return NodeUse(view.node, used_gpus=view.used_gpus, workers=view.slots_taken, version=view.serial,
+                   _free=view.free_groups() if view.gpus else {})
 
 
-class NodeView:
-    """What placement derives from one node's worker list, kept while the list is unchanged
-    (a heartbeat rewrites a node's status every second; its workers rarely change)."""
+class Ledger(Mapping[str, NodeUse]):
+    """Per alive node, what it holds: its own report, starts in flight, then what the plan
+    assigns. A node's `NodeUse` is made when first looked at (a round touches few of a
+    large fleet's nodes); the views are those of the snapshot's nodes."""
 
-    __slots__ = ("by_endpoint", "gpus", "ids", "layout", "parked", "shape", "used_gpus", "workers", "_free")
+    def __init__(self, snapshot: Snapshot, views: NodeViews) -> None:
+        self.nodes = snapshot.nodes
+        self.views = views
+        self._use: Mapping[str, NodeUse] = {}
+        self._busy: set[str] | None = None  # parked workers being resumed or evicted
+        self._pending = (snapshot.pending_starts, snapshot.pending_stops)
+        for start in snapshot.pending_starts:
+            if start.node_id not in self.nodes:
+                continue
+            u = self[start.node_id]
+            view = views[start.node_id]
+            if start.worker_id not in view.ids:
+                u.workers += 0 if start.park else 1  # a pre-warm will be parked: no slot
+                u.used_gpus = u.used_gpus | set(start.gpu_uuids)
+                u.touch()
+            elif start.worker_id in view.parked_ids:  # a resume: a slot again
+                u.workers += 1
+                u.touch()
 
-    def __init__(self, node: NodeStatus) -> None:
-        self.workers = node.workers
-        self.gpus = node.gpus
-        self.shape = (node.draining, node.cpu_count)
-        # The agent's word that workers and GPU identities are unchanged (None: not reported).
-        self.layout = (node.started_at_ms, node.layout_version) if node.layout_version else None
-        self._free: dict[str, list[GpuInfo]] | None = None
-        self.ids = frozenset(w.worker_id for w in node.workers)
-        self.used_gpus = frozenset(u for w in node.workers for u in w.gpu_uuids)
-        self.by_endpoint: dict[str, list[Live]] = {}
-        # Parked workers: in the node's pool, not one of their endpoint's workers.
-        self.parked: list[Live] = []
-        for w in node.workers:
-            if w.state == "parked":
-                self.parked.append(Live(w.worker_id, node.node_id, w))
-            elif w.state != "stopping":
-                self.by_endpoint.setdefault(w.endpoint_id, []).append(Live(w.worker_id, node.node_id, w))
-
-
-    def free_groups(self) -> dict[str, list[GpuInfo]]:
-        if self._free is None:
-            self._free = NodeUse(NodeStatus(node_id="", hostname="", runtime="", gpus=self.gpus),
-                                 used_gpus=self.used_gpus).free_groups()
-        return self._free
-
-
-class NodeViews:
-    """A memo of `NodeView`s by node id. Only speeds things up: the views are recomputed
-    whenever a node's worker list differs, so results do not depend on it."""
-
-    def __init__(self) -> None:
-        self._views: dict[str, NodeView] = {}
-        # Bumped whenever a view is made or dropped; with the same nodes and no new view, the
-        # reported workers per endpoint are those of the previous round.
-        self.generation = 0
-        self._reported: tuple[Any, dict[str, list[Live]], frozenset[str]] | None = None
-        # Chooser heaps as first built, by shape, valid while `heaps_key` is the round's key.
-        self.heaps_key: Any = None
-        self.heaps: dict[tuple[int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
-
-    def of(self, node: NodeStatus) -> NodeView:
-        view = self._views.get(node.node_id)
-        if view is not None and view.workers is node.workers and view.gpus is node.gpus and (
-                view.shape == (node.draining, node.cpu_count)):
-            return view
-        if view is not None and view.layout is not None and node.layout_version and (
-                view.layout == (node.started_at_ms, node.layout_version)
-                and view.shape == (node.draining, node.cpu_count)):
-            view.workers, view.gpus = node.workers, node.gpus  # a heartbeat: same layout, no compare
-            return view
-        if view is None or view.workers != node.workers or view.gpus != node.gpus or (
-                view.shape != (node.draining, node.cpu_count)):
-            view = self._views[node.node_id] = NodeView(node)
-            self.generation += 1
-        else:  # the same content in a newer status: compare by identity from now on
-            view.workers, view.gpus = node.workers, node.gpus
-        return view
-
-    def keep_only(self, node_ids: set[str]) -> None:
-        for node_id in set(self._views) - node_ids:
-            del self._views[node_id]
-            self.generation += 1
-
-    def reported(self, nodes: dict[str, NodeStatus]) -> tuple[dict[str, list[Live]], frozenset[str]] | None:
-        """(live workers per endpoint, all worker ids) as of the last round, if still valid."""
-        for node in nodes.values():
-            self.of(node)
-        if self._reported is None or self._reported[0] != (self.generation, frozenset(nodes)):
-            return None
-        return self._reported[1], self._reported[2]
-
-    def remember(self, nodes: dict[str, NodeStatus], live: dict[str, list[Live]],
-                 ids: frozenset[str]) -> None:
-        self._reported = ((self.generation, frozenset(nodes)), live, ids)
-
-
-def ledger(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, NodeUse]:
-    views = views or NodeViews()
-    use: dict[str, NodeUse] = {}
-    busy: set[str] | None = None  # parked workers being resumed or evicted
-    for node_id, node in snapshot.nodes.items():
-        view = views.of(node)  # a stopping or parked worker still holds its GPUs
-        slots_taken = len(node.workers) - len(view.parked)
-        u = use[node_id] = NodeUse(node, used_gpus=view.used_gpus, workers=slots_taken)
-        u._free = view.free_groups() if node.gpus else {}
-        if any(p.info.gpu_uuids for p in view.parked):  # type: ignore[union-attr]
-            if busy is None:
-                busy = {p.worker_id for p in [*snapshot.pending_starts, *snapshot.pending_stops]}
-            u.parked_gpus = {g: p.info for p in view.parked if p.worker_id not in busy
-                             for g in p.info.gpu_uuids}  # type: ignore[union-attr]
-    for start in snapshot.pending_starts:
-        u = use.get(start.node_id)
+    def __getitem__(self, node_id: str) -> NodeUse:
+        u = self._use.get(node_id)
         if u is None:
-            continue
-        view = views.of(u.node)
-        if start.worker_id not in view.ids:
-            u.workers += 0 if start.park else 1  # a pre-warm will be parked: no slot
-            u.used_gpus = u.used_gpus | set(start.gpu_uuids)
-            u._free = None
-        elif any(p.worker_id == start.worker_id for p in view.parked):  # a resume: a slot again
-            u.workers += 1
-    return use
+            if node_id not in self.nodes:
+                raise KeyError(node_id)
+            view = self.views[node_id]
+            u = self._use[node_id] = own_use(view)
+            if view.parked and any(p.info.gpu_uuids for p in view.parked):  # type: ignore[union-attr]
+                if self._busy is None:
+                    self._busy = {p.worker_id for p in [*self._pending[0], *self._pending[1]]}
+                u.parked_gpus = {g: p.info for p in view.parked if p.worker_id not in self._busy
+                                 for g in p.info.gpu_uuids}  # type: ignore[union-attr]
+        return u
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.nodes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def changed(self) -> list[NodeUse]:
+        """The nodes whose state differs from their own report (starts in flight, the plan)."""
+        return [u for u in self._use.values() if u.version < 0]
+
+
+def ledger(snapshot: Snapshot, views: NodeViews | None = None) -> Ledger:
+    if views is None:
+        views = NodeViews()
+    views.sync(snapshot.nodes)
+    return Ledger(snapshot, views)
 
 
 def live_workers(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, list[Live]]:
     """Per endpoint, the workers that count: reported on alive nodes, not stopping, not parked
     and not being stopped by us, plus starts in flight (resumes of parked workers too)."""
-    views = views or NodeViews()
+    if views is None:
+        views = NodeViews()
+    views.sync(snapshot.nodes)
+    return _live_workers(snapshot, views)
+
+
+def _live_workers(snapshot: Snapshot, views: NodeViews) -> dict[str, list[Live]]:
     stopping = {p.worker_id for p in snapshot.pending_stops}
-    cached = views.reported(snapshot.nodes) if not stopping else None
-    if cached is not None:  # nothing reported changed since the last round
-        live = {endpoint_id: list(workers) for endpoint_id, workers in cached[0].items()}
-        seen = set(cached[1])
-        return _with_starts(snapshot, live, seen)
-    seen = set()
-    live = {}
+    if not views.simple():
+        return _live_node_by_node(snapshot, views, stopping)
+    # Every worker id on one node only: the reported workers kept from round to round, less
+    # those being stopped; a node listing one of those is read worker by worker, so it counts
+    # as having reported what it lists that counts.
+    live = views.live()
+    general: set[str] = set()
+    for worker_id in stopping:
+        view = views.where(worker_id)
+        if view is None:
+            continue
+        general.add(view.node.node_id)
+        info = next(w for w in view.workers if w.worker_id == worker_id)
+        if worker_id not in view.parked_ids and worker_id not in view.stopping_ids:
+            live[info.endpoint_id] = [w for w in live[info.endpoint_id] if w.worker_id != worker_id]
+            if not live[info.endpoint_id]:
+                del live[info.endpoint_id]
+
+    def seen(worker_id: str) -> bool:
+        view = views.where(worker_id)
+        if view is None or worker_id in view.parked_ids:
+            return False
+        if view.node.node_id in general:
+            return worker_id not in stopping and worker_id not in view.stopping_ids
+        return True
+
+    return _with_starts(snapshot, live, seen)
+
+
+def _live_node_by_node(snapshot: Snapshot, views: NodeViews, stopping: set[str]) -> dict[str, list[Live]]:
+    """`_live_workers` when some worker id is listed twice (a node reporting a worker another
+    still lists): node by node in id order, the first listing counts."""
+    seen: set[str] = set()
+    live: dict[str, list[Live]] = {}
     for node_id in sorted(snapshot.nodes):
         node = snapshot.nodes[node_id]
         view = views.of(node)
         if stopping.isdisjoint(view.ids) and seen.isdisjoint(view.ids):
             for endpoint_id, workers in view.by_endpoint.items():
                 live.setdefault(endpoint_id, []).extend(workers)
-            seen |= view.ids.difference(p.worker_id for p in view.parked) if view.parked else view.ids
+            seen |= view.ids.difference(view.parked_ids) if view.parked else view.ids
             continue
         for worker in node.workers:  # the general case, worker by worker
             if worker.state in ("stopping", "parked") or worker.worker_id in stopping \
@@ -284,26 +267,34 @@ def live_workers(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str
                 continue
             seen.add(worker.worker_id)
             live.setdefault(worker.endpoint_id, []).append(Live(worker.worker_id, node_id, worker))
-    if not stopping:
-        views.remember(snapshot.nodes, {ep: list(ws) for ep, ws in live.items()}, frozenset(seen))
-    return _with_starts(snapshot, live, seen)
+    return _with_starts(snapshot, live, seen.__contains__)
 
 
-def _with_starts(snapshot: Snapshot, live: dict[str, list[Live]], seen: set[str]) -> dict[str, list[Live]]:
+def _with_starts(snapshot: Snapshot, live: dict[str, list[Live]],
+                 seen: Callable[[str], bool]) -> dict[str, list[Live]]:
+    added: set[str] = set()
     for start in snapshot.pending_starts:
-        if start.node_id in snapshot.nodes and start.worker_id not in seen and not start.park:
-            seen.add(start.worker_id)
-            live.setdefault(start.endpoint_id, []).append(Live(start.worker_id, start.node_id, None))
+        if start.node_id in snapshot.nodes and not start.park and start.worker_id not in added \
+                and not seen(start.worker_id):
+            added.add(start.worker_id)
+            starting = Live(start.worker_id, start.node_id, None)
+            live[start.endpoint_id] = [*live.get(start.endpoint_id, ()), starting]  # (lists are shared)
     return live
 
 
 def parked_workers(snapshot: Snapshot, views: NodeViews | None = None) -> dict[str, list[Live]]:
     """Per endpoint, its parked workers on alive nodes that are not being resumed or evicted,
     the most recently used first."""
-    views = views or NodeViews()
+    if views is None:
+        views = NodeViews()
+    views.sync(snapshot.nodes)
+    return _parked_workers(snapshot, views)
+
+
+def _parked_workers(snapshot: Snapshot, views: NodeViews) -> dict[str, list[Live]]:
     parked: dict[str, list[Live]] = {}
-    for node_id in sorted(snapshot.nodes):
-        for p in views.of(snapshot.nodes[node_id]).parked:
+    for node_id in sorted(views.parked_nodes):
+        for p in views[node_id].parked:
             parked.setdefault(p.info.endpoint_id, []).append(p)  # type: ignore[union-attr]
     if parked:
         busy = {p.worker_id for p in [*snapshot.pending_starts, *snapshot.pending_stops]}
@@ -388,7 +379,7 @@ def score(spec: EndpointSpec, option: Option, use: NodeUse) -> tuple[int, int, i
     return (option.type_rank, keep_off_gpus, empty, option.free_after, option.node_id)
 
 
-def select(spec: EndpointSpec, use: dict[str, NodeUse], *, workers_per_cpu: float,
+def select(spec: EndpointSpec, use: Mapping[str, NodeUse], *, workers_per_cpu: float,
            backoff: dict[str, str]) -> Option | str:
     """The best node for one more worker of `spec`, or why none fits."""
     if not use:
@@ -409,7 +400,8 @@ def select(spec: EndpointSpec, use: dict[str, NodeUse], *, workers_per_cpu: floa
     return min(options, key=lambda o: o[0])[1]
 
 
-def select_evicting(spec: EndpointSpec, use: dict[str, NodeUse], *, backoff: dict[str, str]) -> Option | None:
+def select_evicting(spec: EndpointSpec, use: Mapping[str, NodeUse], *,
+                    backoff: dict[str, str]) -> Option | None:
     """When no free GPUs fit: the best node for one more GPU worker of `spec` if GPUs held only
     by parked workers of other endpoints count as free. Order: GPU preference, fewest parked
     workers evicted, then as `score`; free GPUs are taken before parked ones on a node."""
@@ -457,46 +449,76 @@ def shape(spec: EndpointSpec) -> tuple[int, tuple[str, ...]]:
 class Chooser:
     """`select` for many workers at once, on a large fleet.
 
-    One heap of (score, node) per endpoint shape, built on first use; an assignment
-    bumps the node's version and pushes the node's new option into every heap built so
-    far (an assignment only takes capacity, so no node becomes newly feasible), and
-    entries of an older version are dropped when they surface. The best entry is thus
-    exactly `select`'s choice, at O(log nodes) per worker instead of O(nodes).
+    One heap of (score, version, option) per endpoint shape, built on first use; an
+    assignment gives the node a new version and pushes its new option into every heap built
+    so far (an assignment only takes capacity, so no node becomes newly feasible), and
+    entries of another version, or of a node in back-off, are dropped when they surface. The
+    best entry is thus exactly `select`'s choice, at O(log nodes) per worker instead of
+    O(nodes).
+
+    With `views`, the heaps start from ones kept in the memo across rounds: every node's
+    option by its own report, brought up to date with the nodes whose view changed since,
+    plus the options of the nodes the round changed (starts in flight, resumes); so a round
+    on a large fleet scores only the nodes that changed.
     """
 
-    def __init__(self, use: dict[str, NodeUse], *, workers_per_cpu: float, backoff: dict[str, str],
-                 cache: dict[tuple[int, tuple[str, ...]], list[tuple[Any, ...]]] | None = None) -> None:
+    def __init__(self, use: Mapping[str, NodeUse], *, workers_per_cpu: float, backoff: dict[str, str],
+                 views: NodeViews | None = None) -> None:
         self.use = use
         self.workers_per_cpu = workers_per_cpu
         self.backoff = backoff
         self.heaps: dict[tuple[int, tuple[str, ...]], tuple[EndpointSpec, list[tuple[Any, ...]]]] = {}
-        # Heaps built in an earlier round from the same ledger (the caller vouches for that).
-        self.cache = cache
+        self.views = views
 
     def _option(self, spec: EndpointSpec, node_id: str) -> Option | str:
         return feasible(spec, self.use[node_id], workers_per_cpu=self.workers_per_cpu,
                         backoff_reason=self.backoff.get(node_id))
 
+    def _heap(self, spec: EndpointSpec) -> list[tuple[Any, ...]]:
+        if self.views is None or not isinstance(self.use, Ledger):
+            entries = []
+            for node_id, u in self.use.items():
+                found = self._option(spec, node_id)
+                if isinstance(found, Option):
+                    entries.append((score(spec, found, u), u.version, found))
+            heapq.heapify(entries)
+            return entries
+        entries = list(self._own_heap(spec, self.views))  # a copy of a heap is a heap
+        for u in self.use.changed():
+            found = feasible(spec, u, workers_per_cpu=self.workers_per_cpu, backoff_reason=None)
+            if isinstance(found, Option):
+                heapq.heappush(entries, (score(spec, found, u), u.version, found))
+        return entries
+
+    def _own_heap(self, spec: EndpointSpec, views: NodeViews) -> list[tuple[Any, ...]]:
+        """The memo's heap of every node's option by its own report, brought up to date."""
+        key = (shape(spec), self.workers_per_cpu)
+        kept = views.heaps.get(key)
+        if kept is None or len(kept[0]) > 2 * len(views) + 64:  # too many outdated entries: anew
+            heap, node_ids = [], [view.node.node_id for view in views.values()]
+        else:
+            heap, since = kept
+            node_ids = list(dict.fromkeys(views.changes[since:]))
+        for node_id in node_ids:
+            view = views.get(node_id)
+            if view is None:  # gone: its entries never match a node of the round
+                continue
+            u = own_use(view)
+            found = feasible(spec, u, workers_per_cpu=self.workers_per_cpu, backoff_reason=None)
+            if isinstance(found, Option):
+                heapq.heappush(heap, (score(spec, found, u), u.version, found))
+        views.heaps[key] = (heap, len(views.changes))
+        return heap
+
     def best(self, spec: EndpointSpec) -> Option | str:
         key = shape(spec)
         if key not in self.heaps:
-            cached = self.cache.get(key) if self.cache is not None else None
-            if cached is not None:
-                entries = list(cached)  # a copy of a heap is a heap
-            else:
-                entries = []
-                for node_id, u in self.use.items():
-                    found = self._option(spec, node_id)
-                    if isinstance(found, Option):
-                        entries.append((score(spec, found, u), u.version, found))
-                heapq.heapify(entries)
-                if self.cache is not None:
-                    self.cache[key] = list(entries)
-            self.heaps[key] = (spec, entries)
+            self.heaps[key] = (spec, self._heap(spec))
         heap = self.heaps[key][1]
         while heap:
             _, version, option = heap[0]
-            if version == self.use[option.node_id].version:
+            u = self.use.get(option.node_id)
+            if u is not None and version == u.version and option.node_id not in self.backoff:
                 return option
             heapq.heappop(heap)
         return select(spec, self.use, workers_per_cpu=self.workers_per_cpu, backoff=self.backoff)
@@ -518,7 +540,7 @@ def _stop(victim: Live, endpoint_id: str, why: str, *, park: bool) -> Command:
                    message=StopWorker(worker_id=victim.worker_id, reason=why, park=park))
 
 
-def _evict(victim: Live, endpoint_id: str, why: str, use: dict[str, NodeUse]) -> Command:
+def _evict(victim: Live, endpoint_id: str, why: str, use: Mapping[str, NodeUse]) -> Command:
     """Stop a parked worker for good; its GPUs stay held until its node reports it gone."""
     u = use[victim.node_id]
     if u.parked_gpus:
@@ -526,7 +548,7 @@ def _evict(victim: Live, endpoint_id: str, why: str, use: dict[str, NodeUse]) ->
     return _stop(victim, endpoint_id, why, park=False)
 
 
-def _resumable(spec: EndpointSpec, parked: Live, use: dict[str, NodeUse], *, workers_per_cpu: float,
+def _resumable(spec: EndpointSpec, parked: Live, use: Mapping[str, NodeUse], *, workers_per_cpu: float,
                backoff: dict[str, str]) -> bool:
     """A parked worker can be resumed where it is: its node takes work and (CPU endpoints)
     has a worker slot; a GPU worker already holds its GPUs."""
@@ -557,17 +579,18 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
     `new_id` names new workers (pass a counter in tests); `now_ms` is the decision's time,
     part of the signature for time-aware stages (no stage needs it yet); `views` may carry
     per-node work over from the previous round (it never changes the result)."""
-    views = views or NodeViews()
-    use = ledger(snapshot, views)
-    live = live_workers(snapshot, views)
-    parked = parked_workers(snapshot, views)
+    if views is None:
+        views = NodeViews()
+    views.sync(snapshot.nodes)
+    use = Ledger(snapshot, views)
+    live = _live_workers(snapshot, views)
+    parked = _parked_workers(snapshot, views)
     commands: list[Command] = []
     unplaced: list[Unplaced] = []
     missing: dict[str, int] = {}
     over_quota: dict[str, int] = {}
     backoff = snapshot.backoff
 
-    touched = False  # the ledger changed before choosing (resumes, evictions): no cached heaps
     for endpoint_id in sorted(set(live) | set(snapshot.endpoints) | set(parked)):
         workers = live.get(endpoint_id, [])
         spec = snapshot.endpoints.get(endpoint_id)
@@ -575,7 +598,6 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
             surplus, why = len(workers), "endpoint deleted"
             for victim in parked.pop(endpoint_id, []):
                 commands.append(_evict(victim, endpoint_id, why, use))
-                touched = True
         else:
             want = desired_workers(spec, snapshot.targets.get(endpoint_id))
             cap = quota_workers(spec)
@@ -587,7 +609,6 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
             for p in parked.get(endpoint_id, []):
                 if _outdated(spec, p.info):  # type: ignore[arg-type]
                     commands.append(_evict(p, endpoint_id, "endpoint changed since it started", use))
-                    touched = True
                 else:
                     pool.append(p)
             # Resume parked workers (the most recently used first) before any cold start.
@@ -597,8 +618,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
                 if _resumable(spec, p, use, workers_per_cpu=workers_per_cpu, backoff=backoff):
                     pool.remove(p)
                     use[p.node_id].workers += 1
-                    use[p.node_id].version += 1
-                    touched = True
+                    use[p.node_id].touch()
                     surplus += 1
                     commands.append(Command(node_id=p.node_id, endpoint_id=endpoint_id, message=StartWorker(
                         worker_id=p.worker_id, spec=spec, gpu_uuids=list(p.info.gpu_uuids))))  # type: ignore[union-attr]
@@ -613,15 +633,7 @@ def place(snapshot: Snapshot, now_ms: int, new_id: Callable[[], str] = new_worke
 
     # Endpoints take turns so that scarce GPUs are shared rather than taken by the first one.
     blocked: dict[str, str] = {}
-    cache = None
-    if not touched and any(n > 0 for n in missing.values()):
-        round_key = (views.generation, frozenset(snapshot.nodes), workers_per_cpu,
-                     tuple(p.worker_id for p in snapshot.pending_starts),
-                     tuple(p.worker_id for p in snapshot.pending_stops), tuple(sorted(backoff.items())))
-        if views.heaps_key != round_key:
-            views.heaps_key, views.heaps = round_key, {}
-        cache = views.heaps
-    chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=backoff, cache=cache)
+    chooser = Chooser(use, workers_per_cpu=workers_per_cpu, backoff=backoff, views=views)
     # Weighted fair share: the next worker goes to the endpoint whose share (what it holds
     # with that worker, in GPUs or workers, over its weight) would be the smallest.
     held = {ep: len(live.get(ep, ())) * _units(snapshot.endpoints[ep]) + _resumed(commands, ep, snapshot)
@@ -710,7 +722,7 @@ def can_park(node: NodeStatus) -> bool:
 
 
 def _prewarm(snapshot: Snapshot, live: dict[str, list[Live]], parked: dict[str, list[Live]],
-             planned: list[Command], blocked: dict[str, str], use: dict[str, NodeUse],
+             planned: list[Command], blocked: dict[str, str], use: Mapping[str, NodeUse],
              new_id: Callable[[], str], *, workers_per_cpu: float) -> list[Command]:
     """Pre-warm starts: a flash endpoint keeps `prewarm_workers` live and parked together (the
     autoscaler's number); the missing ones start parked on nodes with room in their pool,
@@ -732,7 +744,7 @@ def _prewarm(snapshot: Snapshot, live: dict[str, list[Live]], parked: dict[str, 
         have = (len(live.get(endpoint_id, [])) + started + len(parked.get(endpoint_id, []))
                 + in_flight.get(endpoint_id, 0))
         for _ in range(want - have):
-            room = {node_id: u for node_id, u in use.items() if can_park(u.node)}
+            room = {node_id: use[node_id] for node_id, node in snapshot.nodes.items() if can_park(node)}
             chosen = select(spec, room, workers_per_cpu=workers_per_cpu, backoff=snapshot.backoff)
             if isinstance(chosen, str):
                 break
@@ -746,7 +758,7 @@ def _prewarm(snapshot: Snapshot, live: dict[str, list[Live]], parked: dict[str, 
 
 
 def _rebalance(snapshot: Snapshot, live: dict[str, list[Live]], blocked: dict[str, str],
-               use: dict[str, NodeUse]) -> list[Command]:
+               use: Mapping[str, NodeUse]) -> list[Command]:
     """GPUs that came to endpoints before others asked (placing never preempts) are divided
     by weight over time. For a GPU endpoint that finds no capacity, one idle worker is
     stopped of the endpoint whose weighted share would still be at least the hungry one's
@@ -788,7 +800,7 @@ def _rebalance(snapshot: Snapshot, live: dict[str, list[Live]], blocked: dict[st
     return commands
 
 
-def _freeing_worker(hungry: EndpointSpec, workers: list[Live], use: dict[str, NodeUse]) -> Live | None:
+def _freeing_worker(hungry: EndpointSpec, workers: list[Live], use: Mapping[str, NodeUse]) -> Live | None:
     """An idle worker whose GPUs, with the free ones on its node, would fit one worker of
     `hungry` (the longest idle first)."""
     for worker in _idle_first(workers):
