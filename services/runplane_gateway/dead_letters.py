@@ -27,7 +27,7 @@ from runplane_gateway.catalog import EndpointCatalog
 from runplane_gateway.errors import ApiError, json_response
 from runplane_gateway.jobs import Jobs
 from runplane_gateway.keys import access_in
-from runplane_gateway.limits import read_body
+from runplane_gateway.request_fields import decoded_body, query_int
 from runplane_gateway.wire import Deleted, encoder
 
 log = structlog.get_logger("runplane.gateway.dead_letters")
@@ -72,18 +72,9 @@ class DeadLetterSummary(msgspec.Struct, frozen=True):
     replays: list[ReplayView]
 
 
-class DeadLetterView(msgspec.Struct, frozen=True):
+class DeadLetterView(DeadLetterSummary, frozen=True):
     """One dead letter with its input (left out when its object expired)."""
 
-    jobId: str
-    endpointId: str
-    status: str
-    error: str | None
-    submittedAtMs: int
-    failedAtMs: int
-    attempts: list[AttemptView]
-    retries: int
-    replays: list[ReplayView]
     input: Raw | UnsetType = UNSET
 
 
@@ -158,16 +149,7 @@ def _filter(request: Request) -> Filter:
 
 
 def _time(request: Request, name: str) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ApiError(400, f"{name} must be a time in milliseconds since the epoch, got {raw[:50]!r}")
-    return value
+    return query_int(request, name, default=None, meaning="a time in milliseconds since the epoch")
 
 
 def _order(letter: DeadLetter | DeadLetterSummary) -> tuple[int, str]:
@@ -225,7 +207,8 @@ class DeadLetterApi:
 
     async def list(self, request: Request) -> Response:
         endpoint_id = await self._endpoint(request)
-        limit = _limit(request)
+        limit = query_int(request, "limit", default=100, most=MAX_LIMIT,
+                          meaning=f"an integer between 0 and {MAX_LIMIT}")
         after = _after(request.query_params.get("after"))
         chosen = _filter(request)
         found = [summary_of(letter) for letter in await self._letters(endpoint_id, chosen)
@@ -261,11 +244,8 @@ class DeadLetterApi:
 
     async def replay(self, request: Request) -> Response:
         endpoint_id = await self._endpoint(request)
-        body = await read_body(request, MAX_REPLAY_BODY_BYTES, "dead-letters/replay")
-        try:
-            asked = _replay_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ApiError(400, f"replay: {exc}") from None
+        asked = await decoded_body(request, _replay_decoder, cap_bytes=MAX_REPLAY_BODY_BYTES,
+                                   op="dead-letters/replay", context="replay")
         if (asked.jobIds is None) == (not asked.all):
             raise ApiError(400, "replay: name the dead letters in `jobIds`, or send `all: true` (not both)")
         target_id = asked.endpointId or endpoint_id
@@ -364,15 +344,3 @@ class DeadLetterApi:
             except Exception as exc:
                 log.warning("dead letter input not deleted", job_id=letter.job_id, error=repr(exc))
 
-
-def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None or raw == "":
-        return 100
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = -1
-    if not 0 <= limit <= MAX_LIMIT:
-        raise ApiError(400, f"limit must be an integer between 0 and {MAX_LIMIT}, got {raw[:50]!r}")
-    return limit

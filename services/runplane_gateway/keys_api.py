@@ -13,9 +13,10 @@ from starlette.routing import Route
 from runplane_proto.ids import EndpointId, is_valid_id
 from runplane_proto.keys import ApiKey
 from runplane_service.clock import Clock
-from runplane_gateway.errors import ApiError, json_response, validation_message
+from runplane_gateway.errors import ApiError, json_response
 from runplane_gateway.keys import KeyRing, new_key_id, new_secret, secret_hash, secret_prefix
 from runplane_gateway.limits import read_body
+from runplane_gateway.request_fields import decode_json
 from runplane_gateway.wire import Deleted, encoder
 
 MAX_BODY_BYTES = 256 * 1024
@@ -51,15 +52,9 @@ class KeyView(msgspec.Struct, frozen=True):
     createdAtMs: int
 
 
-class KeyCreated(msgspec.Struct, frozen=True):
+class KeyCreated(KeyView, frozen=True):
     """A new key. `key` is its secret, shown here only: keep it (only its hash is stored)."""
 
-    id: str
-    name: str
-    prefix: str
-    scope: Literal["admin", "endpoint"]
-    endpoints: list[str]
-    createdAtMs: int
     key: str
 
 
@@ -73,12 +68,7 @@ def key_view(record: ApiKey) -> KeyView:
 
 def record_from(body: bytes, key_id: str, secret: str, now_ms: int) -> ApiKey:
     """The stored record of a new key from the request body (400 naming the problem)."""
-    try:
-        create = _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, validation_message(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"invalid JSON body: {exc}") from None
+    create = decode_json(body, _decoder)
     endpoints = sorted(set(create.endpoints)) if isinstance(create, EndpointKeyCreate) else []
     return ApiKey(id=key_id, name=create.name, prefix=secret_prefix(key_id),
                   secret_sha256=secret_hash(secret.encode()),

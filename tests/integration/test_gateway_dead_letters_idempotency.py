@@ -272,6 +272,17 @@ async def test_dead_letters_listed_filtered_paged_replayed_and_deleted(replicas)
         assert [(r["endpointId"], r["jobId"]) for r in links] == [(other, moved["replayed"][1]["id"])]
         bad = await http.post(f"/v1/endpoints/{ep}/dead-letters/replay", json={"jobIds": ["job-1"], "all": True})
         assert bad.status_code == 400
+        # Bad requests are 400s naming the problem (the field, the JSON error, the parameter).
+        d = f"/v1/endpoints/{ep}/dead-letters"
+        for resp, words in (
+            (await http.post(f"{d}/replay", json={"jobIds": "job-1"}), "replay: jobIds: expected `array | null`, got `str`"),
+            (await http.post(f"{d}/replay", json={"all": True, "color": 1}), "replay: object contains unknown field"),
+            (await http.post(f"{d}/replay", content=b"{not json"), "replay: invalid JSON body"),
+            (await http.get(f"{d}?limit=1001"), "limit must be an integer between 0 and 1000, got '1001'"),
+            (await http.get(f"{d}?since=-1"), "since must be a time in milliseconds since the epoch"),
+            (await http.get(f"{d}?until=soon"), "until must be a time in milliseconds since the epoch, got 'soon'"),
+        ):
+            assert resp.status_code == 400 and words in resp.json()["error"], resp.text
         # Delete one, then by filter, then the rest.
         assert (await http.delete(f"/v1/endpoints/{ep}/dead-letters/job-4")).json() == {"id": "job-4",
                                                                                          "deleted": True}
