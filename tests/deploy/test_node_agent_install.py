@@ -158,7 +158,8 @@ def test_install_join_rerun_and_uninstall(node_image, wheels, control_plane, tmp
                    in ("running", "degraded"), timeout_s=60, interval_s=0.5, what="systemd booted")
         before = snapshot(container)
         sources = {f"/src/runplane/{name}": str(ROOT / name) for name in
-                   ("pyproject.toml", "constraints.txt", "proto", "libs", "services", "deploy/node-agent")}
+                   ("pyproject.toml", "constraints.txt", "proto", "libs", "services", "deploy/node-agent",
+                    "deploy/lib")}
         copy_in(container, {"/src/nats-password": cluster.passwords["node-agent"].encode() + b"\n"},
                 {**sources, "/src/wheels": wheels})
         install = ("/src/runplane/deploy/node-agent/install.sh --nats-url " + server.url
