@@ -12,6 +12,8 @@ import structlog
 import uvicorn
 import uvloop
 
+from runplane_service.http_protocol import HttpProtocol
+
 log = structlog.get_logger("runplane.service")
 
 Main = Callable[[contextlib.AsyncExitStack, asyncio.Event], Awaitable[None]]
@@ -20,7 +22,7 @@ Main = Callable[[contextlib.AsyncExitStack, asyncio.Event], Awaitable[None]]
 async def serve_http(app: Any, host: str, port: int, stop: asyncio.Event) -> uvicorn.Server:
     """Start uvicorn inside the current loop; returns once it listens. It stops when `stop` is set."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off", loop="none", http="httptools", timeout_keep_alive=120,
+                            lifespan="off", loop="none", http=HttpProtocol, timeout_keep_alive=120,
                             proxy_headers=False, server_header=False, date_header=False)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -17,6 +17,8 @@ EndpointId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 JobId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 WorkerId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 NodeId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+# Names one gateway replica (process) on the bus, e.g. where /runsync results go.
+GatewayToken = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 
 # The suffix RunPod appends to job ids names a region; ours names the install.
 JOB_ID_SUFFIX = "-r1"
@@ -50,3 +52,8 @@ def new_endpoint_id() -> str:
 
 def new_worker_id() -> str:
     return _short(14)
+
+
+def new_gateway_token() -> str:
+    """A gateway replica's token; `gw-` keeps it apart from job ids on `rp.job.*.events`."""
+    return f"gw-{_short(16)}"

@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-from runplane_proto.ids import EndpointId, JobId, NodeId, WorkerId
+from runplane_proto.ids import EndpointId, GatewayToken, JobId, NodeId, WorkerId
 from runplane_proto.timings import JobTimings
 
 JobStatus = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
@@ -82,6 +82,10 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     attempt_log: tuple[JobAttempt, ...] = ()
     # Where the current attempt's time went (node agent; runplane_proto.timings).
     timings: JobTimings | None = None
+    # A /runsync job: the token of the gateway replica waiting for it. Whoever makes the
+    # record terminal also publishes the JobChanged on `rp.job.<notify>.events`, that
+    # replica's one subscription (no subscription per request).
+    notify: GatewayToken | None = None
 
 
 class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):
@@ -95,7 +99,8 @@ class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):
 
 
 class JobChanged(msgspec.Struct, frozen=True, kw_only=True, tag="job_changed"):
-    """Published on `rp.job.<id>.events` after every status change, with the new record."""
+    """Published on `rp.job.<id>.events` after every status change, with the new record
+    (a terminal one also on `rp.job.<notify>.events` when the record names a gateway)."""
 
     record: JobRecord
 

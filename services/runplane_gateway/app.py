@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runplane_bus import Bus, Conflict
+from runplane_proto.ids import new_gateway_token
 from runplane_service.clock import Clock
 from runplane_service.metrics import metrics as metrics_endpoint
 from runplane_gateway import dashboard, openapi
@@ -29,6 +30,7 @@ from runplane_gateway.routes_v1 import ManagementApi
 from runplane_gateway.routes_v2 import ClientApi
 from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.webhooks import WebhookSender
+from runplane_gateway.waiters import SyncEnds
 from runplane_gateway.wire import encoder
 
 
@@ -44,6 +46,7 @@ class Gateway:
     app: Starlette
     keys: KeyRing
     running_workers: RunningWorkers
+    sync_ends: SyncEnds
 
     @classmethod
     async def start(cls, bus: Bus, settings: GatewaySettings, *, clock: Clock | None = None,
@@ -57,7 +60,9 @@ class Gateway:
         workers = RunningWorkers(bus, now_ms=clock.now_ms, node_loss_timeout_s=settings.node_loss_timeout_s)
         limiter = RateLimiter(enabled=settings.rate_limits, running_workers=workers)
         idempotency = await Idempotency(bus, settings.idempotency_window_s, clock).start()
-        client = ClientApi(bus, catalog, jobs, chunks, limiter, settings, clock, idempotency=idempotency)
+        sync_ends = await SyncEnds(bus.nc, new_gateway_token()).start()
+        client = ClientApi(bus, catalog, jobs, chunks, limiter, settings, clock, sync_ends=sync_ends,
+                           idempotency=idempotency)
         management = ManagementApi(bus, catalog, jobs, settings, clock)
         sender = None
         if webhooks:
@@ -65,7 +70,7 @@ class Gateway:
             await sender.start()
         app = build_app(bus, settings, client, management, keys)
         return cls(bus=bus, settings=settings, catalog=catalog, jobs=jobs, webhooks=sender, app=app,
-                   keys=keys, running_workers=workers)
+                   keys=keys, running_workers=workers, sync_ends=sync_ends)
 
     async def stop(self) -> None:
         if self.webhooks is not None:
@@ -73,6 +78,7 @@ class Gateway:
         await self.catalog.stop()
         await self.keys.stop()
         await self.running_workers.stop()
+        await self.sync_ends.stop()
 
 
 def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management: ManagementApi,

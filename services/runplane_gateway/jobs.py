@@ -22,7 +22,7 @@ from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.ids import is_valid_id
 from runplane_proto.jobs import (
-    INLINE_PAYLOAD_LIMIT_BYTES, CancelJob, JobChanged, JobPolicy, JobQueued, JobRecord, WebhookDue,
+    INLINE_PAYLOAD_LIMIT_BYTES, CancelJob, JobPolicy, JobQueued, JobRecord, WebhookDue,
     is_terminal,
 )
 from runplane_proto.codec import Codec, DecodeError
@@ -65,9 +65,10 @@ class Jobs:
 
     async def submit(
         self, spec: EndpointSpec, job_id: str, *, input_raw: bytes, sync: bool, policy: JobPolicy,
-        webhook: str | None, extra_json: bytes | None,
+        webhook: str | None, extra_json: bytes | None, notify: str | None = None,
     ) -> JobRecord:
-        """Save the input, create the record IN_QUEUE and queue the job (both at once)."""
+        """Save the input, create the record IN_QUEUE and queue the job (both at once).
+        `notify`: the token of the gateway replica that waits for the job's end (/runsync)."""
         if policy.low_priority:
             await self._low_queue(spec.id)
         if len(input_raw) > INLINE_PAYLOAD_LIMIT_BYTES:
@@ -77,7 +78,7 @@ class Jobs:
         record = JobRecord(
             id=job_id, endpoint_id=spec.id, status="IN_QUEUE", policy=policy,
             submitted_at_ms=self.clock.now_ms(), sync=sync, input_json=input_json, input_ref=input_ref,
-            extra_json=extra_json, webhook=webhook,
+            extra_json=extra_json, webhook=webhook, notify=notify,
         )
         key = subjects.job_key(spec.id, job_id)
         queued = JobQueued(job_id=job_id, endpoint_id=spec.id, submitted_at_ms=record.submitted_at_ms,
@@ -197,7 +198,7 @@ class Jobs:
             return msgspec.structs.replace(
                 r, status="IN_QUEUE", retries=r.retries + 1, attempts=0, submitted_at_ms=now_ms,
                 started_at_ms=None, completed_at_ms=None, output_json=None, output_ref=None, error=None,
-                worker_id=None, node_id=None,
+                worker_id=None, node_id=None, notify=None,
             )
 
         new, wrote = await self._change(_key(record), requeue)
@@ -211,7 +212,7 @@ class Jobs:
         await asyncio.gather(
             self.bus.publish_durable(subjects.job_queue(spec.id, low_priority=low_priority), queued,
                                      msg_id=f"{job_id}:{new.retries}"),
-            self.bus.publish(subjects.job_events(job_id), JobChanged(record=new)),
+            self.bus.job_changed(new),
             self.bus.count_job_end(new, "retried"),
         )
         if record.output_ref is not None:
@@ -317,7 +318,7 @@ class Jobs:
         """Tell the bus about a change this gateway made: the event, the agent's cancel,
         and the webhook when the job has one and is now terminal."""
         sends: list[Awaitable[Any]] = [
-            self.bus.publish(subjects.job_events(record.id), JobChanged(record=record)),
+            self.bus.job_changed(record),
             self.bus.count_job_end(record),
         ]
         if cancel_reason is not None:

@@ -26,7 +26,7 @@ from runplane_gateway.jobs import MISSING_RECORD_GRACE_MS, Jobs
 from runplane_gateway.keys import access_in
 from runplane_gateway.limits import RateLimiter, read_body
 from runplane_gateway.settings import GatewaySettings
-from runplane_gateway.waiters import JobWaiter
+from runplane_gateway.waiters import JobWaiter, SyncEnds, wait_for_end
 from runplane_gateway.wire import (
     DEFAULT_TTL_MS, HealthView, JobRef, PurgeView, StreamView, SubmitPolicy, body_decoder, encoder,
 )
@@ -135,7 +135,7 @@ def _wait_ms(request: Request, default_ms: int) -> int:
 class ClientApi:
     def __init__(self, bus: Bus, catalog: EndpointCatalog, jobs: Jobs, chunks: ChunkReader,
                  limiter: RateLimiter, settings: GatewaySettings, clock: Clock, *,
-                 idempotency: Idempotency | None = None) -> None:
+                 sync_ends: SyncEnds, idempotency: Idempotency | None = None) -> None:
         self.bus = bus
         self.catalog = catalog
         self.jobs = jobs
@@ -144,6 +144,7 @@ class ClientApi:
         self.settings = settings
         self.clock = clock
         self.idempotency = idempotency
+        self.sync_ends = sync_ends
 
     def routes(self) -> list[Route]:
         read = ["GET", "POST"]
@@ -183,13 +184,11 @@ class ClientApi:
             claim = await self._claim(request, spec, body, sub, job_id, sync=True)
             if claim is not None and not claim.ours:
                 return await self._repeat_runsync(spec.id, claim, wait_ms)
-            async with JobWaiter(self.bus.nc, job_id) as waiter:
-                await self._submit(spec, job_id, sub, sync=True, claim=claim)
-                done = await waiter.wait(wait_ms / 1000)
+            done = await self._submit_and_wait(spec, job_id, sub, claim, wait_ms)
             if done is not None:
                 return json_response(await self.jobs.view(done))
             metrics.RUNSYNC_WAITS_EXPIRED.inc()
-            return await self._latest(spec.id, job_id, waiter.latest)
+            return await self._latest(spec.id, job_id, None)
 
     async def status(self, request: Request) -> Response:
         endpoint_id, job_id = request.path_params["endpoint_id"], request.path_params["job_id"]
@@ -265,14 +264,24 @@ class ClientApi:
                                             sync=sync)
 
     async def _submit(self, spec: EndpointSpec, job_id: str, sub: Submission, *, sync: bool,
-                      claim: Claim | None) -> JobRecord:
+                      claim: Claim | None, notify: str | None = None) -> JobRecord:
         try:
             return await self.jobs.submit(spec, job_id, input_raw=sub.input_raw, sync=sync, policy=sub.policy,
-                                          webhook=sub.webhook, extra_json=sub.extra_json)
+                                          webhook=sub.webhook, extra_json=sub.extra_json, notify=notify)
         except BaseException:
             if claim is not None and self.idempotency is not None:
                 await self.idempotency.release(claim)  # nothing was queued: a repeat may try again
             raise
+
+    async def _submit_and_wait(self, spec: EndpointSpec, job_id: str, sub: Submission, claim: Claim | None,
+                               wait_ms: int) -> JobRecord | None:
+        """Queue a /runsync job and wait for its end: the terminal record, or None."""
+        ending = self.sync_ends.expect(job_id)
+        try:
+            await self._submit(spec, job_id, sub, sync=True, claim=claim, notify=self.sync_ends.token)
+            return await wait_for_end(ending, wait_ms / 1000)
+        finally:
+            self.sync_ends.forget(job_id)
 
     async def _repeat_run(self, endpoint_id: str, claim: Claim) -> Response:
         """/run again with a key already used: the original job's `{id, status}`."""

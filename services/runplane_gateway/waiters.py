@@ -69,3 +69,62 @@ class JobWaiter:
                 self.latest = record
             if is_terminal(record.status) and not self._done.done():
                 self._done.set_result(record)
+
+
+class SyncEnds:
+    """The ends of this replica's /runsync jobs, over one subscription for its life.
+
+    A /runsync record names the replica (`notify`: its token); whoever makes the record
+    terminal also publishes the JobChanged on `rp.job.<token>.events`. So a /runsync costs
+    no subscribe/unsubscribe on the bus, and the replica hears nothing of the job until its
+    end. `expect` before the job is queued; `forget` when done waiting.
+    """
+
+    def __init__(self, nc: Client, token: str) -> None:
+        self.nc = nc
+        self.token = token
+        self._waiting: dict[str, asyncio.Future[JobRecord]] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self) -> SyncEnds:
+        self._sub = await self.nc.subscribe(subjects.job_events(self.token), cb=self._on_event,
+                                            pending_msgs_limit=65536)
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # connection closing: the subscription goes with it
+                pass
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+
+    def expect(self, job_id: str) -> asyncio.Future[JobRecord]:
+        future: asyncio.Future[JobRecord] = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = future
+        return future
+
+    def forget(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event = _event_codec.decode(msg.data)
+        except DecodeError as exc:
+            metrics.DROPPED.labels("job events").inc()
+            log.warning("dropped undecodable event", subject=msg.subject, error=str(exc))
+            return
+        if not isinstance(event, JobChanged) or not is_terminal(event.record.status):
+            return
+        future = self._waiting.get(event.record.id)  # None: its wait already ran out
+        if future is not None and not future.done():
+            future.set_result(event.record)
+
+
+async def wait_for_end(future: asyncio.Future[JobRecord], timeout_s: float) -> JobRecord | None:
+    """The terminal record, or None when `timeout_s` runs out first."""
+    if not future.done():
+        await asyncio.wait((future,), timeout=timeout_s)
+    return future.result() if future.done() and not future.cancelled() else None

@@ -18,7 +18,7 @@ from nats.errors import MaxPayloadError
 from runplane_bus import Bus, Conflict, Versioned
 from runplane_proto import subjects as s
 from runplane_proto.codec import Codec, DecodeError
-from runplane_proto.jobs import ChunkAdded, JobChanged, JobQueued, JobRecord, StreamChunk, is_terminal
+from runplane_proto.jobs import ChunkAdded, JobQueued, JobRecord, StreamChunk, is_terminal
 from runplane_proto.timings import JobTimings, phases, start_of
 from runplane_service.clock import Clock
 
@@ -264,7 +264,7 @@ class Jobs:
                         now_ms=held.record.started_at_ms or self.clock.now_ms()), timings=held.timings)
                     continue
                 held.claim.set_result(True)
-                await self.bus.publish(s.job_events(held.job_id), JobChanged(record=held.record))
+                await self.bus.job_changed(held.record)
                 return
             # Cancelled (or purged) before the claim landed, or another agent claimed it.
             terminal = current is None or is_terminal(current.value.status)

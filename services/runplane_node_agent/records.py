@@ -12,7 +12,7 @@ from nats.errors import MaxPayloadError
 
 from runplane_bus import Bus, Conflict
 from runplane_proto import subjects as s
-from runplane_proto.jobs import JobChanged, JobRecord, WebhookDue, is_terminal
+from runplane_proto.jobs import JobRecord, WebhookDue, is_terminal
 
 Change = Callable[[JobRecord], JobRecord | None]
 T = TypeVar("T")
@@ -95,7 +95,7 @@ class RecordWriter:
         new, _, written = await self.cas(key, record, revision, change)
         if not written or new is None:
             return None
-        await self.bus.publish(s.job_events(new.id), JobChanged(record=new))
+        await self.bus.job_changed(new)
         await self.bus.count_job_end(new)
         if new.webhook and is_terminal(new.status):
             # Retried like the write: the record is terminal now, so nothing would send this again.

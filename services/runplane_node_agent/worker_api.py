@@ -154,6 +154,9 @@ class WorkerApi:
         status = await self.jobs.result(worker, job_id, body) if _utf8(body) else 400
         if status == 400:
             return _error(400, f"job-done {_json_problem(body)}")
+        # One turn of the loop first: the NATS flusher the job's end woke writes it out before
+        # this answer is, so a /runsync waiting for the job hears of it as early as possible.
+        await asyncio.sleep(0)
         return _reply(status)
 
     async def stream(self, request: Request) -> Response:

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 from runplane_bus import Bus, BusSettings
+from runplane_gateway import metrics as gateway_metrics
 from runplane_gateway.app import Gateway
 from runplane_gateway.settings import GatewaySettings
 from runplane_proto import subjects
@@ -70,7 +71,7 @@ class Agent:
         result = await self.bus.jobs.modify(subjects.job_key(self.ep, job_id),
                                             lambda r: msgspec.structs.replace(r, **changes))
         assert result is not None
-        await self.bus.publish(subjects.job_events(job_id), JobChanged(record=result.value))
+        await self.bus.job_changed(result.value)  # as every writer of a record does
         return result.value
 
     async def start(self, job_id: str) -> JobRecord:
@@ -287,6 +288,43 @@ async def test_runsync_fast_answers_the_result(stack: Stack) -> None:
     assert body == {"id": body["id"], "status": "COMPLETED", "delayTime": 250, "executionTime": 1500,
                     "output": {"echo": [1, 2]}, "workerId": "w1", "timings": _timings(250, 1500)}
     assert (await stack.record(ep, body["id"])).sync
+
+
+async def test_runsync_hears_the_end_on_its_gateways_own_subject(stack: Stack) -> None:
+    """The record names the waiting replica; the end is published on the job's subject and on
+    the replica's, and the answer comes from that event (the wait never runs out)."""
+    ep = await stack.endpoint()
+    agent = stack.agent(ep)
+    heard: list[tuple[str, str]] = []
+    codec: Codec[JobEvent] = Codec(JobEvent)
+
+    async def on_event(msg: Msg) -> None:
+        event = codec.decode(msg.data)
+        assert isinstance(event, JobChanged)
+        heard.append((msg.subject, event.record.status))
+
+    sub = await stack.bus.nc.subscribe(subjects.ALL_JOB_EVENTS, cb=on_event)
+    expired_before = gateway_metrics.RUNSYNC_WAITS_EXPIRED._value.get()
+
+    async def work() -> str:
+        queued, msg = await agent.take()
+        await agent.start(queued.job_id)
+        await agent.finish(queued.job_id, output_json=b"3")
+        await msg.ack()
+        return queued.job_id
+
+    worker = asyncio.ensure_future(work())
+    resp = await stack.http.post(f"/v2/{ep}/runsync?wait=30000", json={"input": 3})
+    job_id = await worker
+    assert resp.json()["status"] == "COMPLETED" and resp.json()["output"] == 3
+    assert gateway_metrics.RUNSYNC_WAITS_EXPIRED._value.get() == expired_before
+    token = stack.gateway.sync_ends.token
+    assert token.startswith("gw-") and (await stack.record(ep, job_id)).notify == token
+    await async_wait_until(lambda: _ready(len(heard) >= 3), what="three events")
+    await sub.unsubscribe()
+    assert sorted(heard) == sorted([(subjects.job_events(job_id), "IN_PROGRESS"),
+                                    (subjects.job_events(job_id), "COMPLETED"),
+                                    (subjects.job_events(token), "COMPLETED")])
 
 
 async def test_runsync_slow_answers_the_id_when_the_wait_runs_out(stack: Stack) -> None:

@@ -143,13 +143,13 @@ async def test_runsync_repeat_waits_for_the_same_job(replicas) -> None:
         second = asyncio.ensure_future(b.post(f"/v2/{ep}/runsync", json={"input": {"x": 1}}, headers=h))
         await asyncio.sleep(0.3)  # let the repeat start waiting (it must not queue a job meanwhile)
         assert not second.done() and len(await bus.jobs.keys(subjects.endpoint_jobs_filter(ep))) == 1
-        # Finish the job as an agent would: the record, then the event both waiters follow.
+        # Finish the job as an agent would: the record, then the events both waiters follow.
         key = ids[0]
         got = await bus.jobs.get(key)
         done = msgspec.structs.replace(got.value, status="COMPLETED", output_json=b'{"ok":true}',
                                        started_at_ms=got.value.submitted_at_ms, completed_at_ms=int(time.time() * 1000))
         await bus.jobs.update(key, done, got.revision)
-        await bus.publish(subjects.job_events(done.id), JobChanged(record=done))
+        await bus.job_changed(done)  # on the job's subject and the first replica's (/runsync)
         one, two = await first, await second
         assert one.json()["id"] == two.json()["id"] == done.id
         assert one.json()["output"] == two.json()["output"] == {"ok": True}

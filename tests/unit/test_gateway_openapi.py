@@ -16,7 +16,7 @@ SETTINGS = GatewaySettings(api_key="k")
 
 def app():
     # The routes need no bus until a request reaches a handler that uses it.
-    client = ClientApi(None, None, None, None, None, SETTINGS, None)  # type: ignore[arg-type]
+    client = ClientApi(None, None, None, None, None, SETTINGS, None, sync_ends=None)  # type: ignore[arg-type]
     management = ManagementApi(None, None, None, SETTINGS, None)  # type: ignore[arg-type]
     return build_app(None, SETTINGS, client, management)  # type: ignore[arg-type]
 
