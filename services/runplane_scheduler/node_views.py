@@ -93,9 +93,8 @@ class NodeViews:
         self._live_by_node: dict[str, dict[str, list[Live]]] = {}
         self._live: dict[str, list[Live]] = {}
         self._stale: set[str] = set()
-        # Worker id -> how many nodes report it, and the last node that did.
-        self._holders: dict[str, int] = {}
-        self._where: dict[str, str] = {}
+        # Worker id -> the nodes that report it (one, but for a worker moving or listed twice).
+        self._holders: dict[str, list[str]] = {}
         self._shared = 0  # worker ids reported by more than one node
         self._twice = 0  # views listing a worker id twice
         self.parked_nodes: set[str] = set()
@@ -162,9 +161,9 @@ class NodeViews:
             self._live_by_node.setdefault(endpoint_id, {})[node_id] = workers
             self._stale.add(endpoint_id)
         for worker_id in view.ids:
-            count = self._holders[worker_id] = self._holders.get(worker_id, 0) + 1
-            self._where[worker_id] = node_id
-            self._shared += count == 2
+            holders = self._holders.setdefault(worker_id, [])
+            holders.append(node_id)
+            self._shared += len(holders) == 2
         self._twice += view.twice
         if view.parked:
             self.parked_nodes.add(node_id)
@@ -178,11 +177,11 @@ class NodeViews:
                 del self._live_by_node[endpoint_id]
             self._stale.add(endpoint_id)
         for worker_id in view.ids:
-            count = self._holders[worker_id] = self._holders[worker_id] - 1
-            self._shared -= count == 1
-            if count == 0:
+            holders = self._holders[worker_id]
+            holders.remove(node_id)
+            self._shared -= len(holders) == 1
+            if not holders:
                 del self._holders[worker_id]
-                del self._where[worker_id]
         self._twice -= view.twice
         self.parked_nodes.discard(node_id)
 
@@ -205,5 +204,5 @@ class NodeViews:
 
     def where(self, worker_id: str) -> NodeView | None:
         """The view of the node reporting this worker (one of them, if several do)."""
-        node_id = self._where.get(worker_id)
-        return None if node_id is None else self._views[node_id]
+        holders = self._holders.get(worker_id)
+        return None if holders is None else self._views[holders[0]]
