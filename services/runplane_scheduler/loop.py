@@ -89,6 +89,8 @@ class Scheduler:
         self._placement_synced = False
         self.ticks = 0  # rounds started (tests wait on it)
         self._views = NodeViews()
+        self._leading = False  # as of the last round
+        self._lease_lock = asyncio.Lock()
         self._mirrors: tuple[Mirror[NodeStatus], Mirror[EndpointSpec], Mirror[ScaleTarget]] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -120,6 +122,7 @@ class Scheduler:
             Mirror(self.bus.endpoints, on_change=lambda *_: wake.set()),
             Mirror(self.bus.scale, on_change=count_changed),
         )
+        keeper = asyncio.create_task(self._keep_lease(stop)) if self.lease is not None else None
         try:
             for mirror in self._mirrors:
                 await mirror.start()
@@ -127,6 +130,10 @@ class Scheduler:
                         observe_s=TICK_SECONDS.observe, wake=wake)
         finally:
             node_wake.cancel()
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
             for task in list(self._sending):
                 task.cancel()
             for mirror in self._mirrors or ():
@@ -138,10 +145,11 @@ class Scheduler:
         TICKS.inc()
         self.ticks += 1
         if self.lease is not None:
-            was_leading = self.lease.leading
-            if not await self.lease.hold():
+            if not await self._hold_lease():
+                self._leading = False
                 return None
-            if not was_leading:
+            if not self._leading:
+                self._leading = True
                 self._placement_synced = False
         now_ms = self.clock.now_ms()
         ok, world = await self._step("read", self._read)
@@ -169,6 +177,20 @@ class Scheduler:
             self._send(command, now_ms)
         PENDING_STARTS.set(len(self.pending.starts))
         return plan
+
+    async def _hold_lease(self) -> bool:
+        assert self.lease is not None
+        async with self._lease_lock:  # one compare-and-set at a time, or we race ourselves
+            return await self.lease.hold()
+
+    async def _keep_lease(self, stop: asyncio.Event) -> None:
+        """Renew the lease between rounds as well, well before a round would have to (a third
+        of the TTL), so that a round placing workers seldom waits for the round trips."""
+        assert self.lease is not None
+        while not stop.is_set():
+            await self._hold_lease()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.lease.ttl_ms / 6000)
 
     async def _step(self, name: str, action: Callable[[], Awaitable[T]]) -> tuple[bool, Any]:
         """Run one step: (True, its result), or on failure log, count and (False, None)."""
