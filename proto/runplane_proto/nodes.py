@@ -14,7 +14,7 @@ from runplane_proto.ids import EndpointId, JobId, NodeId, WorkerId
 WorkerState = Literal["starting", "idle", "running", "stopping", "parked"]
 
 
-class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     index: int
     uuid: str
     name: str
@@ -23,7 +23,7 @@ class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     utilization_pct: int = 0
 
 
-class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     worker_id: WorkerId
     endpoint_id: EndpointId
     state: WorkerState
@@ -38,7 +38,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     launch_key: str = ""
 
 
-class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Written by the node agent every heartbeat interval."""
 
     node_id: NodeId

@@ -113,6 +113,8 @@ class NodeViews:
 
     def of(self, node: NodeStatus) -> NodeView:
         view = self._views.get(node.node_id)
+        if view is not None and view.node is node:  # not even a heartbeat since
+            return view
         if view is not None and view.workers is node.workers and view.gpus is node.gpus and (
                 view.shape == (node.draining, node.cpu_count)):
             view.node = node
