@@ -161,6 +161,10 @@ class Bus:
         ack = await self.js.publish(subject, encode(msg), headers=headers)
         return ack.seq
 
+    async def delete_queued(self, seq: int) -> None:
+        """Take a job's message (by its stream sequence) out of stream JOBS."""
+        await self.js.delete_msg(s.STREAM_JOBS, seq)
+
     async def count_job_end(self, record: JobRecord, outcome: JobOutcome | None = None) -> None:
         """Count a job that just ended (its status decides the outcome) or was retried, on
         stream JOBENDS for /health. Not waited for (a lost count only makes /health low);

@@ -20,6 +20,9 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED
 # Payloads up to this size are stored inline in the job record (KV values must fit
 # one NATS message, 1 MiB by default; a record may hold an input and an output).
 INLINE_PAYLOAD_LIMIT_BYTES = 256 * 1024
+# A job's queue message carries its submitted record when input and extra keys together are
+# at most this big (the record is then stored twice: in KV and in the queue).
+EMBED_LIMIT_BYTES = 64 * 1024
 
 
 def is_terminal(status: str) -> bool:
@@ -96,6 +99,10 @@ class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):
     endpoint_id: EndpointId
     submitted_at_ms: int
     low_priority: bool = False
+    # The record as submitted, when its payloads are small (EMBED_LIMIT_BYTES): a node agent
+    # hands a first delivery to a worker from it and checks the stored record while the
+    # worker runs; a redelivery always reads the stored record first.
+    record: JobRecord | None = None
 
 
 class JobChanged(msgspec.Struct, frozen=True, kw_only=True, tag="job_changed"):

@@ -22,7 +22,7 @@ from runplane_proto import subjects
 from runplane_proto.endpoints import EndpointSpec
 from runplane_proto.ids import is_valid_id
 from runplane_proto.jobs import (
-    INLINE_PAYLOAD_LIMIT_BYTES, CancelJob, JobPolicy, JobQueued, JobRecord, WebhookDue,
+    EMBED_LIMIT_BYTES, INLINE_PAYLOAD_LIMIT_BYTES, CancelJob, JobPolicy, JobQueued, JobRecord, WebhookDue,
     is_terminal,
 )
 from runplane_proto.codec import Codec, DecodeError
@@ -81,8 +81,9 @@ class Jobs:
             extra_json=extra_json, webhook=webhook, notify=notify,
         )
         key = subjects.job_key(spec.id, job_id)
+        small = input_ref is None and len(input_raw) + len(extra_json or b"") <= EMBED_LIMIT_BYTES
         queued = JobQueued(job_id=job_id, endpoint_id=spec.id, submitted_at_ms=record.submitted_at_ms,
-                           low_priority=policy.low_priority)
+                           low_priority=policy.low_priority, record=record if small else None)
         created, published = await asyncio.gather(
             self.bus.jobs.create(key, record),
             self.bus.publish_durable(subjects.job_queue(spec.id, low_priority=policy.low_priority), queued,
@@ -94,6 +95,8 @@ class Jobs:
             failure = created if isinstance(created, BaseException) else published
             log.warning("submit failed", job_id=job_id, endpoint_id=spec.id, error=repr(failure))
             await _quietly(self.bus.jobs.delete(key))
+            if not isinstance(published, BaseException):  # an agent could run it from the message
+                await _quietly(self.bus.delete_queued(published))
             await _quietly(self.bus.payloads.delete(input_ref))
             raise ApiError(503, f"could not queue the job: {type(failure).__name__}")
         metrics.JOBS_SUBMITTED.labels("runsync" if sync else "run").inc()

@@ -177,31 +177,38 @@ class Jobs:
             already.keepalive_at = now
             return None
         key = s.job_key(ep, job_id)
+        now_ms = self.clock.now_ms()
+        # A first delivery carrying its record goes to the worker at once; the claim write
+        # reads the stored record meanwhile (a cancel in between becomes a stop).
+        record = _as_sent(queued, msg, ep, now_ms=now_ms, max_attempts=self.settings.max_attempts)
+        revision: int | None = None
         try:
-            current = await self.bus.jobs.get(key)
-            if current is None:
-                current = await self._await_record(key, queued)
+            if record is None:
+                current = await self.bus.jobs.get(key)
                 if current is None:
-                    if self._recent(queued):
-                        await settle(msg, "nak", delay_s=_MISSING_RECORD_RETRY_S)
-                    else:  # purged (or a submit that failed half-way): drop the message
-                        metrics.JOBS_SKIPPED.labels(endpoint=ep, reason="missing").inc()
-                        await msg.ack()
+                    current = await self._await_record(key, queued)
+                    if current is None:
+                        if self._recent(queued):
+                            await settle(msg, "nak", delay_s=_MISSING_RECORD_RETRY_S)
+                        else:  # purged (or a submit that failed half-way): drop the message
+                            metrics.JOBS_SKIPPED.labels(endpoint=ep, reason="missing").inc()
+                            await msg.ack()
+                        return None
+                if is_terminal(current.value.status):
+                    metrics.JOBS_SKIPPED.labels(endpoint=ep, reason="terminal").inc()
+                    await msg.ack()
                     return None
-            if is_terminal(current.value.status):
-                metrics.JOBS_SKIPPED.labels(endpoint=ep, reason="terminal").inc()
-                await msg.ack()
-                return None
-            record = current.value
-            now_ms = self.clock.now_ms()
+                record, revision = current.value, current.revision
+                now_ms = self.clock.now_ms()
             verdict = transitions.verdict(record, now_ms=now_ms, max_attempts=self.settings.max_attempts)
             if verdict is not transitions.Verdict.RUN:
+                assert revision is not None  # a record as sent is only used when it is to run
                 if verdict is transitions.Verdict.EXPIRED:
                     status, error = "TIMED_OUT", transitions.expired_error(record)
                 else:
                     status, error = "FAILED", transitions.exhausted_error(record, self.settings.max_attempts)
                 metrics.JOBS_SKIPPED.labels(endpoint=ep, reason=verdict.value).inc()
-                await self.records.conclude(key, record, current.revision, lambda r: transitions.finished(
+                await self.records.conclude(key, record, revision, lambda r: transitions.finished(
                     r, status, now_ms=now_ms, error=error, keep_output=True,
                     attempt_error=transitions.LOST_ATTEMPT_ERROR))
                 await msg.ack()
@@ -223,7 +230,7 @@ class Jobs:
         self._hold(held)
         # The hand-over does not wait for the claim write: everything that touches the
         # record later awaits `held.claim` first, and a lost claim becomes a stop.
-        self.spawn(self._write_claim(held, record, current.revision))
+        self.spawn(self._write_claim(held, revision, queued))
         metrics.taken(ep).inc()
         return held
 
@@ -244,14 +251,21 @@ class Jobs:
                 return current
         return None
 
-    async def _write_claim(self, held: HeldJob, record: JobRecord, revision: int) -> None:
+    async def _write_claim(self, held: HeldJob, revision: int | None, queued: JobQueued) -> None:
         current = None
         # The worker already has the job: a claim given up on NATS trouble (a stream electing
         # a leader after a server died) means an execution no attempt counts, and an
         # immediate redelivery runs it again. So NATS errors are retried for a while (the
         # message is kept alive meanwhile, records.WRITE_RETRY_S), conflicts re-read the record.
         try:
-            for _ in range(5):
+            if revision is None:  # handed over as its message carried it: the stored record now
+                current = await self.bus.jobs.get(held.key)
+                if current is None:
+                    current = await self._await_record(held.key, queued)
+                if current is not None and current.value.status == "IN_QUEUE":
+                    revision = current.revision
+                    held.record = self._claimed_again(held, current.value)
+            for _ in range(5 if revision is not None else 0):
                 try:
                     held.revision = await self.records.update(held.key, held.record, revision)
                 except Conflict:
@@ -259,25 +273,35 @@ class Jobs:
                     if current is None or current.value.status != "IN_QUEUE":
                         break
                     revision = current.revision
-                    held.record = replace(transitions.in_progress(
-                        current.value, worker_id=held.worker.worker_id, node_id=self.settings.node_id,
-                        now_ms=held.record.started_at_ms or self.clock.now_ms()), timings=held.timings)
+                    held.record = self._claimed_again(held, current.value)
                     continue
                 held.claim.set_result(True)
                 await self.bus.job_changed(held.record)
                 return
-            # Cancelled (or purged) before the claim landed, or another agent claimed it.
-            terminal = current is None or is_terminal(current.value.status)
-            if current is not None:
-                held.record, held.revision = current.value, current.revision
-            held.release = "ack" if terminal else "none"
-            reason = "cancelled" if terminal else "taken by another worker"
+            if revision is None and current is None:
+                # Handed over from its message, but no record is stored (yet, or ever: a submit
+                # that failed half-way): back to the queue, where a delivery reads the record
+                # first (and drops the message once the record is surely not coming).
+                held.release, reason = "nak", "the job's record is not stored"
+            else:
+                # Cancelled (or purged) before the claim landed, or another agent claimed it.
+                terminal = current is None or is_terminal(current.value.status)
+                if current is not None:
+                    held.record, held.revision = current.value, current.revision
+                held.release = "ack" if terminal else "none"
+                reason = "cancelled" if terminal else "taken by another worker"
         except Exception as exc:
             log.warning("claim write failed", job_id=held.job_id, error=repr(exc))
             held.release, reason = "nak", "claim failed"
         if not held.claim.done():
             held.claim.set_result(False)
         self.stops.offer(held, reason)
+
+    def _claimed_again(self, held: HeldJob, stored: JobRecord) -> JobRecord:
+        """The claim made again from the stored record (it changed since the hand-over)."""
+        return replace(transitions.in_progress(
+            stored, worker_id=held.worker.worker_id, node_id=self.settings.node_id,
+            now_ms=held.record.started_at_ms or self.clock.now_ms()), timings=held.timings)
 
     # -- what workers report ----------------------------------------------------------------
 
@@ -510,6 +534,24 @@ class Jobs:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(_finished_task(self._tasks))
+
+
+def _as_sent(queued: JobQueued, msg: Msg, endpoint_id: str, *, now_ms: int, max_attempts: int) -> JobRecord | None:
+    """The record a queue message carries, when the job may go to a worker on it alone: its
+    first delivery, for this endpoint, queued and never run, and to run now (not past its TTL).
+    Anything else is decided on the stored record."""
+    record = queued.record
+    if record is None or record.id != queued.job_id or record.endpoint_id != endpoint_id \
+            or record.status != "IN_QUEUE" or record.attempts != 0:
+        return None
+    try:
+        if msg.metadata.num_delivered != 1:
+            return None
+    except Exception:  # not a JetStream delivery
+        return None
+    if transitions.verdict(record, now_ms=now_ms, max_attempts=max_attempts) is not transitions.Verdict.RUN:
+        return None
+    return record
 
 
 def _with_timings(record: JobRecord | None, timings: JobTimings | None) -> JobRecord | None:

@@ -110,8 +110,10 @@ async def wait_worker_state(bus: Bus, node_id: str, worker_id: str, state: str, 
 async def submit(bus: Bus, endpoint_id: str, job_input: object, *, job_id: str | None = None,
                  execution_timeout_ms: int = 600_000, ttl_ms: int = 86_400_000,
                  webhook: str | None = None, extra: dict | None = None,
-                 submitted_at_ms: int | None = None, low_priority: bool = False) -> str:
-    """Create the record IN_QUEUE and publish JobQueued, like the gateway."""
+                 submitted_at_ms: int | None = None, low_priority: bool = False,
+                 embed: bool = True) -> str:
+    """Create the record IN_QUEUE and publish JobQueued carrying it, like the gateway (a job
+    with a large input, `embed=False`, goes without its record)."""
     job_id = job_id or f"{uuid.uuid4()}-r1"
     now_ms = submitted_at_ms if submitted_at_ms is not None else int(time.time() * 1000)
     record = JobRecord(
@@ -123,7 +125,7 @@ async def submit(bus: Bus, endpoint_id: str, job_input: object, *, job_id: str |
     await bus.jobs.create(s.job_key(endpoint_id, job_id), record)
     await bus.publish_durable(s.job_queue(endpoint_id, low_priority=low_priority),
                               JobQueued(job_id=job_id, endpoint_id=endpoint_id, submitted_at_ms=now_ms,
-                                        low_priority=low_priority),
+                                        low_priority=low_priority, record=record if embed else None),
                               msg_id=f"{job_id}:0")
     return job_id
 

@@ -24,7 +24,9 @@ from node_agent_harness import (
 from runplane_proto import subjects as s
 from runplane_proto.codec import Codec
 from runplane_proto.endpoints import EndpointSpec
-from runplane_proto.jobs import CancelJob, ChunkAdded, JobChanged, JobEvent, StreamChunk
+from runplane_proto.jobs import (
+    CancelJob, ChunkAdded, JobChanged, JobEvent, JobPolicy, JobQueued, JobRecord, StreamChunk,
+)
 from runplane_testing.waiting import async_wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -329,3 +331,72 @@ async def test_metrics_and_healthz(agent, http):
     assert (await http.get(f"{agent.url}/healthz")).json() == {"status": "ok"}
     metrics = (await http.get(f"{agent.url}/metrics")).text
     assert "rp_node_agent_jobs_taken_total" in metrics and "rp_node_agent_take_polls_waiting" in metrics
+
+
+# -- a first delivery handed over from the record its message carries --------------------------
+
+
+async def _queue_with_record(bus, ep: str, job_input: object, *, stored_status: str | None) -> str:
+    """A job whose queue message carries its IN_QUEUE record (as the gateway sends it); the
+    stored record has `stored_status` (None: not stored, as if its write were still on the way)."""
+    job_id = f"{uuid.uuid4()}-r1"
+    now_ms = int(time.time() * 1000)
+    sent = JobRecord(id=job_id, endpoint_id=ep, status="IN_QUEUE", submitted_at_ms=now_ms,
+                     policy=JobPolicy(execution_timeout_ms=600_000, ttl_ms=86_400_000),
+                     input_json=json.dumps(job_input).encode())
+    if stored_status is not None:
+        await bus.jobs.create(s.job_key(ep, job_id), msgspec.structs.replace(sent, status=stored_status))
+    await bus.publish_durable(s.job_queue(ep), JobQueued(job_id=job_id, endpoint_id=ep, submitted_at_ms=now_ms,
+                                                         record=sent), msg_id=f"{job_id}:0")
+    return job_id
+
+
+async def _stops(worker: HandWorker, http: httpx.AsyncClient) -> list[str]:
+    stop = await http.get(worker.take_url.replace("/job-take/", "/job-stop/"), headers=worker.auth)
+    return stop.json()["jobsToStop"] if stop.status_code == 200 else []
+
+
+async def test_a_job_cancelled_before_its_claim_is_stopped_and_stays_cancelled(bus, agent, http):
+    """The worker gets the job from its message at once; the claim write finds it CANCELLED:
+    the worker is told to stop, the message is acked, nothing is written over the cancel."""
+    worker = await hand_worker(bus, agent)
+    ep = worker.env["RUNPOD_ENDPOINT_ID"]
+    job_id = await _queue_with_record(bus, ep, {"n": 1}, stored_status="CANCELLED")
+    taken = await worker.take(http)
+    assert taken.status_code == 200 and taken.json() == {"id": job_id, "input": {"n": 1}, "attempt": 1}
+    assert await async_wait_until(lambda: _stops(worker, http), timeout_s=10, what="a stop") == [job_id]
+    # A result sent anyway lets the job go and changes nothing.
+    assert (await worker.done(http, job_id, {"output": "late"})).status_code == 200
+    await async_wait_until(lambda: consumer_settled(bus, ep), timeout_s=20, what="message acked")
+    record = await record_of(bus, ep, job_id)
+    assert record.status == "CANCELLED" and record.worker_id is None and record.attempts == 0
+    assert record.output_json is None
+
+
+async def test_a_job_whose_record_is_not_stored_yet_runs_once_it_is(bus, agent, http):
+    """Handed over from its message while its record is not stored: stopped and given back to
+    the queue; once the record is there, a delivery runs it to the end (no attempt counted for
+    the stopped hand-over, which never became a claim)."""
+    worker = await hand_worker(bus, agent)
+    ep = worker.env["RUNPOD_ENDPOINT_ID"]
+    job_id = await _queue_with_record(bus, ep, {"n": 2}, stored_status=None)
+    first = await worker.take(http)
+    assert first.status_code == 200 and first.json()["id"] == job_id
+    assert await async_wait_until(lambda: _stops(worker, http), timeout_s=10, what="a stop") == [job_id]
+    assert await record_of(bus, ep, job_id) is None
+    now_ms = int(time.time() * 1000)
+    await bus.jobs.create(s.job_key(ep, job_id), JobRecord(
+        id=job_id, endpoint_id=ep, status="IN_QUEUE", submitted_at_ms=now_ms, input_json=b'{"n": 2}',
+        policy=JobPolicy(execution_timeout_ms=600_000, ttl_ms=86_400_000)))
+
+    async def taken_again() -> httpx.Response | None:
+        response = await worker.take(http)
+        return response if response.status_code == 200 else None
+
+    again = await async_wait_until(taken_again, timeout_s=20, what="the job delivered again")
+    assert again.json() == {"id": job_id, "input": {"n": 2}, "attempt": 1}
+    await wait_record(bus, ep, job_id, "IN_PROGRESS")
+    assert (await worker.done(http, job_id, {"output": "ran"})).status_code == 200
+    record = await wait_record(bus, ep, job_id, "COMPLETED")
+    assert output_of(record) == "ran" and record.attempts == 1
+    await async_wait_until(lambda: consumer_settled(bus, ep), timeout_s=20, what="message acked")
