@@ -22,6 +22,7 @@ import asyncio
 import http.server
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -78,13 +79,14 @@ def worker_start_s(script: str, samples: int) -> float:
         for _ in range(samples):
             first_poll.clear()
             started = time.perf_counter()
-            proc = subprocess.Popen(python_command(script), env=env, cwd=ROOT,
+            # In its own process group: the SDK forks a pinger that would outlive a kill of the worker alone.
+            proc = subprocess.Popen(python_command(script), env=env, cwd=ROOT, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 assert first_poll.wait(60), "the worker never polled"
                 took.append(time.perf_counter() - started)
             finally:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     finally:
         server.shutdown()
