@@ -75,6 +75,7 @@ class HeldJob:
         "deadline",
         "done",
         "endpoint_id",
+        "finishing",
         "job_id",
         "keepalive_at",
         "key",
@@ -104,6 +105,8 @@ class HeldJob:
         self.claim: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.payload = b""
         self.taken_at = now
+        # The worker's result is in: a claim not yet written goes into the terminal write.
+        self.finishing = False
         # Where this attempt's time went so far (runplane_proto.timings); goes out with the
         # claim write and, completed, with the terminal write.
         self.timings = record.timings

@@ -257,6 +257,9 @@ class Jobs:
         # a leader after a server died) means an execution no attempt counts, and an
         # immediate redelivery runs it again. So NATS errors are retried for a while (the
         # message is kept alive meanwhile, records.WRITE_RETRY_S), conflicts re-read the record.
+        # One turn of the loop first, so the take's answer leaves before this write: the worker
+        # starts on the job while its claim is written.
+        await asyncio.sleep(0)
         try:
             if revision is None:  # handed over as its message carried it: the stored record now
                 current = await self.bus.jobs.get(held.key)
@@ -265,6 +268,12 @@ class Jobs:
                 if current is not None and current.value.status == "IN_QUEUE":
                     revision = current.revision
                     held.record = self._claimed_again(held, current.value)
+                    if held.finishing:
+                        # The result came first (a quick handler): the claim is not written on
+                        # its own; the terminal write, from this revision, carries the attempt.
+                        held.revision = revision
+                        held.claim.set_result(True)
+                        return
             for _ in range(5 if revision is not None else 0):
                 try:
                     held.revision = await self.records.update(held.key, held.record, revision)
@@ -344,6 +353,7 @@ class Jobs:
 
     async def _finish(self, held: HeldJob, error: str | None, output: bytes) -> None:
         done_ms = self.clock.now_ms()  # job-done received: the handler's end
+        held.finishing = True
         if await held.claim:
             async with held.lock:
                 if held.done:

@@ -400,3 +400,27 @@ async def test_a_job_whose_record_is_not_stored_yet_runs_once_it_is(bus, agent, 
     record = await wait_record(bus, ep, job_id, "COMPLETED")
     assert output_of(record) == "ran" and record.attempts == 1
     await async_wait_until(lambda: consumer_settled(bus, ep), timeout_s=20, what="message acked")
+
+
+async def test_results_right_after_the_take_end_the_job_with_its_attempt_counted(bus, agent, http):
+    """A result may arrive before the claim is written (then the terminal write carries it):
+    either way the record ends COMPLETED with one attempt by this worker, its start time set,
+    and no IN_PROGRESS is ever announced after the end."""
+    worker = await hand_worker(bus, agent)
+    ep = worker.env["RUNPOD_ENDPOINT_ID"]
+    for n in range(15):
+        job_id = f"{uuid.uuid4()}-r1"
+        events: list = []
+        await collect_events(bus, job_id, events)
+        await submit(bus, ep, {"n": n}, job_id=job_id)
+        taken = await worker.take(http)
+        assert taken.status_code == 200 and taken.json()["id"] == job_id
+        assert (await worker.done(http, job_id, {"output": n})).status_code == 200
+        record = await wait_record(bus, ep, job_id, "COMPLETED")
+        assert output_of(record) == n and record.attempts == 1 and record.worker_id == worker.worker_id
+        assert record.started_at_ms is not None and record.completed_at_ms >= record.started_at_ms
+        await async_wait_until(lambda: _async(any(e.record.status == "COMPLETED" for e in events)),
+                               what="the end announced")
+        statuses = [e.record.status for e in events]
+        assert statuses in (["COMPLETED"], ["IN_PROGRESS", "COMPLETED"]), statuses
+    await async_wait_until(lambda: consumer_settled(bus, ep), timeout_s=20, what="messages acked")
