@@ -54,7 +54,7 @@ from runplane_proto.gpus import gpu_matches, normalised as _norm
 from runplane_proto.ids import new_worker_id
 from runplane_proto.nodes import GpuInfo, NodeStatus, StartWorker, StopWorker, WorkerInfo
 from runplane_proto.scaling import ScaleTarget
-from runplane_scheduler.cluster import Snapshot
+from runplane_scheduler.cluster import PendingStart, Snapshot
 from runplane_scheduler.node_views import Live, NodeView, NodeViews, free_groups
 
 DEFAULT_WORKERS_PER_CPU = 4.0
@@ -160,17 +160,23 @@ class Ledger(Mapping[str, NodeUse]):
         self._use: Mapping[str, NodeUse] = {}
         self._busy: set[str] | None = None  # parked workers being resumed or evicted
         self._pending = (snapshot.pending_starts, snapshot.pending_stops)
+        by_node: dict[str, list[PendingStart]] = {}
         for start in snapshot.pending_starts:
-            if start.node_id not in self.nodes:
-                continue
-            u = self[start.node_id]
-            view = views[start.node_id]
-            if start.worker_id not in view.ids:
-                u.workers += 0 if start.park else 1  # a pre-warm will be parked: no slot
-                u.used_gpus = u.used_gpus | set(start.gpu_uuids)
-                u.touch()
-            elif start.worker_id in view.parked_ids:  # a resume: a slot again
-                u.workers += 1
+            if start.node_id in self.nodes:
+                by_node.setdefault(start.node_id, []).append(start)
+        for node_id, starts in by_node.items():
+            view = views[node_id]
+            slots, gpus = 0, []
+            for start in starts:
+                if start.worker_id not in view.ids:
+                    slots += 0 if start.park else 1  # a pre-warm will be parked: no slot
+                    gpus.extend(start.gpu_uuids)
+                elif start.worker_id in view.parked_ids:  # a resume: a slot again
+                    slots += 1
+            if slots or gpus:
+                u = self[node_id]
+                u.workers += slots
+                u.used_gpus = u.used_gpus | set(gpus)
                 u.touch()
 
     def __getitem__(self, node_id: str) -> NodeUse:
@@ -273,12 +279,15 @@ def _live_node_by_node(snapshot: Snapshot, views: NodeViews, stopping: set[str])
 def _with_starts(snapshot: Snapshot, live: dict[str, list[Live]],
                  seen: Callable[[str], bool]) -> dict[str, list[Live]]:
     added: set[str] = set()
+    copied: set[str] = set()  # the lists may be shared with the memo: copied before the first append
     for start in snapshot.pending_starts:
         if start.node_id in snapshot.nodes and not start.park and start.worker_id not in added \
                 and not seen(start.worker_id):
             added.add(start.worker_id)
-            starting = Live(start.worker_id, start.node_id, None)
-            live[start.endpoint_id] = [*live.get(start.endpoint_id, ()), starting]  # (lists are shared)
+            if start.endpoint_id not in copied:
+                copied.add(start.endpoint_id)
+                live[start.endpoint_id] = list(live.get(start.endpoint_id, ()))
+            live[start.endpoint_id].append(Live(start.worker_id, start.node_id, None))
     return live
 
 
