@@ -34,6 +34,7 @@ _REPLIER = textwrap.dedent("""
         async def echo(msg):
             await msg.respond(msg.data)
         await nc.subscribe("bench.echo", cb=echo)
+        await nc.flush()  # the server has the subscription before anyone is told to ask
         print("ready", flush=True)
         await asyncio.Event().wait()
     uvloop.run(main())
