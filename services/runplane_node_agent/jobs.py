@@ -546,7 +546,8 @@ class Jobs:
         task.add_done_callback(_finished_task(self._tasks))
 
 
-def _as_sent(queued: JobQueued, msg: Msg, endpoint_id: str, *, now_ms: int, max_attempts: int) -> JobRecord | None:
+def _as_sent(queued: JobQueued, msg: Msg, endpoint_id: str, *, now_ms: int,
+             max_attempts: int) -> JobRecord | None:
     """The record a queue message carries, when the job may go to a worker on it alone: its
     first delivery, for this endpoint, queued and never run, and to run now (not past its TTL).
     Anything else is decided on the stored record."""

@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from runplane_bus import Bus
 from runplane_proto import subjects
-from runplane_proto.jobs import CancelJob, JobChanged, JobRecord, WebhookDue
+from runplane_proto.jobs import CancelJob, JobRecord, WebhookDue
 from runplane_scheduler.janitor_rules import Retention, Sweep, payload_refs, retention_over, sweep, timed_out
 from runplane_scheduler.metrics import ERRORS, JANITOR_DELETED, JANITOR_EXPIRED, JANITOR_SWEEPS
 from runplane_service.clock import Clock
@@ -120,7 +120,7 @@ class Janitor:
         JANITOR_EXPIRED.inc()
         log.info("job timed out in queue", job_id=record.id, endpoint_id=record.endpoint_id,
                  ttl_ms=record.policy.ttl_ms)
-        await self.bus.publish(subjects.job_events(record.id), JobChanged(record=record))
+        await self.bus.job_changed(record)  # a /runsync waiting for it hears it too
         await self.bus.count_job_end(record)
         if record.webhook:
             await self.bus.publish_durable(subjects.webhook_due(record.endpoint_id),

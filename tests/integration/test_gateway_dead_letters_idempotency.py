@@ -18,7 +18,7 @@ from runplane_bus import Bus, BusSettings
 from runplane_gateway.app import Gateway
 from runplane_gateway.settings import GatewaySettings
 from runplane_proto import subjects
-from runplane_proto.jobs import JobAttempt, JobChanged, JobPolicy, JobRecord
+from runplane_proto.jobs import JobAttempt, JobPolicy, JobRecord
 from runplane_service.clock import FakeClock
 from runplane_testing.waiting import async_wait_until
 

@@ -225,13 +225,16 @@ async def test_janitor_times_out_expired_queued_jobs_and_deletes_old_records(nat
             cancels.append(cancel)
 
         await bus.subscribe(subjects.job_events("q1"), Codec(JobEvent), on_event)
+        # q1 is a /runsync job: the replica waiting for it hears its end on its own subject.
+        await bus.subscribe(subjects.job_events("gw-waiting"), Codec(JobEvent), on_event)
         await bus.subscribe(subjects.job_cancel("ep1"), Codec(CancelJob), on_cancel)
         await bus.nc.flush()
         _, ref = await bus.payloads.save("old", "output", b'"' + b"x" * 300_000 + b'"')
         t = now_ms()
         short_ttl = JobPolicy(execution_timeout_ms=60_000, ttl_ms=1_000)
         records = {
-            "q1": _record("q1", "IN_QUEUE", submitted_at_ms=t - 5_000, policy=short_ttl, webhook="http://hook"),
+            "q1": _record("q1", "IN_QUEUE", submitted_at_ms=t - 5_000, policy=short_ttl, webhook="http://hook",
+                          sync=True, notify="gw-waiting"),
             "q2": _record("q2", "IN_QUEUE"),
             "old": _record("old", "COMPLETED", completed_at_ms=t - 10_000, output_ref=ref),
             "new": _record("new", "COMPLETED", completed_at_ms=t),
@@ -256,8 +259,8 @@ async def test_janitor_times_out_expired_queued_jobs_and_deletes_old_records(nat
 
         timed_out = (await bus.jobs.get(subjects.job_key("ep1", "q1"))).value
         assert "TTL of 1000 ms" in timed_out.error
-        await eventually(lambda: _ready(events and cancels), what="event and cancel")
-        assert events[0].record == timed_out
+        await eventually(lambda: _ready(len(events) == 2 and cancels), what="events and cancel")
+        assert events[0].record == events[1].record == timed_out
         assert cancels[0].job_id == "q1"
         due = await bus.js.get_last_msg(subjects.STREAM_WEBHOOKS, subjects.webhook_due("ep1"))
         assert Codec(WebhookDue).decode(due.data) == WebhookDue(job_id="q1", endpoint_id="ep1")
