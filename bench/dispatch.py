@@ -1,7 +1,8 @@
 """dispatch: a no-op job through the whole system, against its floors.
 
 Figures: runsync_p50_ms, runsync_p99_ms (sequential /runsync, no-op handler),
-http_floor_p50_ms (bare Starlette no-op, same client, payload and method),
+http_floor_p50_ms (bare Starlette no-op, same client, payload and method, in blocks taking
+turns with the /runsync ones),
 nats_rr_floor_p50_ms, runsync_p50_over_http_floor, run_throughput_jobs_per_s
 (concurrent /run, counted to completion) and jetstream_floor_jobs_per_s.
 """
@@ -17,7 +18,7 @@ import httpx
 import nats
 from nats.aio.msg import Msg
 
-from bench.floors import http_floor_ms, jetstream_floor_jobs_per_s, nats_rr_floor_ms
+from bench.floors import http_floor_call, http_floor_server, jetstream_floor_jobs_per_s, nats_rr_floor_ms
 from bench.stats import percentile
 from runplane_proto import subjects
 from runplane_proto.codec import Codec
@@ -29,18 +30,38 @@ THROUGHPUT_WORKERS = 4
 THROUGHPUT_CONCURRENCY = 64
 
 
-def _runsync_ms(cluster: Cluster, endpoint_id: str, samples: int) -> list[float]:
+BLOCK = 100
+
+
+def _runsync_and_floor_ms(cluster: Cluster, endpoint_id: str,
+                          samples: int) -> tuple[list[float], list[float]]:
+    """Sequential /runsync calls and floor calls in alternating blocks of BLOCK: both see the
+    machine as it is over the same stretch of time (a shared 2-core machine drifts over a run
+    by more than the difference measured), and each block runs warm, as one kind of call
+    after another (a floor call between two /runsync calls would meet a cold server)."""
     headers = {"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"}
-    with httpx.Client(base_url=cluster.gateway_url, headers=headers, timeout=30) as http:
-        for _ in range(50):
-            assert http.post(f"/v2/{endpoint_id}/runsync", content=PAYLOAD).json()["status"] == "COMPLETED"
-        out = []
-        for _ in range(samples):
+    with http_floor_server() as floor_url, \
+            httpx.Client(base_url=cluster.gateway_url, headers=headers, timeout=30) as http, \
+            httpx.Client(base_url=floor_url, headers=headers, timeout=30) as floor_http:
+
+        def runsync_call() -> float:
             t0 = time.perf_counter()
             resp = http.post(f"/v2/{endpoint_id}/runsync", content=PAYLOAD)
-            out.append((time.perf_counter() - t0) * 1000)
+            elapsed = (time.perf_counter() - t0) * 1000
             assert resp.json()["status"] == "COMPLETED", resp.text
-        return out
+            return elapsed
+
+        runsync: list[float] = []
+        floor: list[float] = []
+        while len(runsync) < samples:
+            size = min(BLOCK, samples - len(runsync))
+            for _ in range(10):  # warm again after the other kind's block
+                runsync_call()
+            runsync.extend(runsync_call() for _ in range(size))
+            for _ in range(10):
+                http_floor_call(floor_http, PAYLOAD)
+            floor.extend(http_floor_call(floor_http, PAYLOAD) for _ in range(size))
+        return runsync, floor
 
 
 def _throughput(cluster: Cluster, endpoint_id: str, count: int) -> float:
@@ -97,9 +118,7 @@ def run(quick: bool = False) -> dict[str, float]:
         latency_ep = cluster.create_endpoint(name="bench-latency", workersMin=1, workersMax=1,
                                              command=python_command("examples/fast/handler.py"))
         cluster.wait_workers(latency_ep, 1)
-        runsync = _runsync_ms(cluster, latency_ep, samples)
-        headers = {"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"}
-        floor = http_floor_ms(PAYLOAD, samples, headers)
+        runsync, floor = _runsync_and_floor_ms(cluster, latency_ep, samples)
         nats_floor = nats_rr_floor_ms(cluster.nats.url, PAYLOAD, samples)
         tput_ep = cluster.create_endpoint(
             name="bench-throughput", workersMin=THROUGHPUT_WORKERS, workersMax=THROUGHPUT_WORKERS,

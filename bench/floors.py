@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import httpx
 import nats
@@ -41,25 +43,34 @@ _REPLIER = textwrap.dedent("""
 """)
 
 
-def http_floor_ms(body: bytes, samples: int, headers: dict[str, str]) -> list[float]:
-    """Sequential POSTs to a bare Starlette no-op under uvicorn, with the same client as runsync."""
+@contextlib.contextmanager
+def http_floor_server() -> Iterator[str]:
+    """A bare Starlette no-op under uvicorn in its own process; yields its base URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _HTTP_APP, str(port)])
     try:
         wait_port("127.0.0.1", port)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as http:
-            for _ in range(50):
-                http.post("/noop", content=body)
-            out = []
-            for _ in range(samples):
-                t0 = time.perf_counter()
-                resp = http.post("/noop", content=body)
-                out.append((time.perf_counter() - t0) * 1000)
-                assert resp.status_code == 200
-            return out
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.kill()
         proc.wait()
+
+
+def http_floor_call(http: httpx.Client, body: bytes) -> float:
+    """One no-op POST to the floor server (ms)."""
+    t0 = time.perf_counter()
+    resp = http.post("/noop", content=body)
+    elapsed = (time.perf_counter() - t0) * 1000
+    assert resp.status_code == 200
+    return elapsed
+
+
+def http_floor_ms(body: bytes, samples: int, headers: dict[str, str]) -> list[float]:
+    """Sequential POSTs to a bare Starlette no-op under uvicorn, with the same client as runsync."""
+    with http_floor_server() as url, httpx.Client(base_url=url, headers=headers) as http:
+        for _ in range(50):
+            http_floor_call(http, body)
+        return [http_floor_call(http, body) for _ in range(samples)]
 
 
 def nats_rr_floor_ms(url: str, body: bytes, samples: int) -> list[float]:
