@@ -8,6 +8,12 @@ Correctness does not rest on the watch alone: entries are applied only when thei
 revision is newer than what the mirror holds (deletes leave a tombstone revision), and
 the mirror re-reads the whole bucket every `resync_s` and merges it the same way, so a
 watch that missed something (a reconnect, a server restart) heals within one period.
+
+The watch is an ordered push consumer (what nats-py's `kv.watch` makes) with a short idle
+heartbeat: it has one replica, on one server, and the client notices that it is gone only
+after two missed heartbeats. With kv.watch's 5 s heartbeat (checked every 10 s) a mirror whose
+consumer was on a lost server went stale for 10-20 s; with 1 s it is recreated after 2-4 s,
+from the revision after the last one received.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import structlog
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
 from runplane_bus.records import TypedKV, undecodable
 from runplane_proto.codec import DecodeError
@@ -27,6 +34,13 @@ T = TypeVar("T")
 log = structlog.get_logger("runplane.bus.mirror")
 
 _DELETED = ("DEL", "PURGE")
+# The watch's idle heartbeat: a consumer lost with its server is recreated after two missed.
+WATCH_HEARTBEAT_S = 1.0
+# A consumer nobody listens to any more (its client gone, or left behind by a recreation that
+# raced another) is dropped by the server after this long.
+WATCH_INACTIVE_S = 30.0
+# Server-placed markers (a TTL or an age limit) say what happened in this header instead.
+_MARKER_OPERATIONS = {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}
 
 
 class Mirror(Generic[T]):
@@ -50,12 +64,17 @@ class Mirror(Generic[T]):
         self._revisions: dict[str, int] = {}  # includes tombstones of deleted keys
         self._tasks: list[asyncio.Task[None]] = []
         self._watcher: Any = None
+        self._prefix = ""
         self.applied = 0  # changes applied (tests and metrics read it)
 
     async def start(self) -> Mirror[T]:
         """Watch first, then read everything once: nothing written in between is missed."""
-        self._watcher = await self.store.kv.watch(">")
-        self._tasks.append(asyncio.create_task(self._follow()))
+        kv = self.store.kv
+        self._prefix = kv._pre
+        self._watcher = await kv._js.subscribe(
+            self._prefix + ">", stream=kv._stream, cb=self._on_message, ordered_consumer=True,
+            idle_heartbeat=WATCH_HEARTBEAT_S, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=WATCH_INACTIVE_S)
         await self.resync()
         self._tasks.append(asyncio.create_task(self._resync_forever()))
         return self
@@ -69,7 +88,8 @@ class Mirror(Generic[T]):
         self._tasks.clear()
         if self._watcher is not None:
             with contextlib.suppress(Exception):
-                await self._watcher.stop()
+                await self._watcher.unsubscribe()
+            self._watcher = None
 
     def get(self, key: str) -> T | None:
         return self._values.get(key)
@@ -120,20 +140,18 @@ class Mirror(Generic[T]):
         if self.on_change is not None:
             self.on_change(key, old, new)
 
-    async def _follow(self) -> None:
-        while True:
-            try:
-                entry = await self._watcher.updates(timeout=5.0)
-            except NatsTimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep following; the periodic resync heals gaps
-                log.warning("watch read failed", error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
-            if entry is not None:
-                self._apply(entry.key, entry.revision, entry.operation, entry.value)
+    async def _on_message(self, msg: Msg) -> None:
+        """One entry from the watch, parsed as kv.watch does (key, revision, operation)."""
+        try:
+            headers = msg.headers or {}
+            operation = headers.get("KV-Operation")
+            if operation is None and "Nats-Marker-Reason" in headers:
+                operation = _MARKER_OPERATIONS.get(headers["Nats-Marker-Reason"])
+                if operation is None:  # a marker of a kind this version does not know
+                    return
+            self._apply(msg.subject[len(self._prefix):], msg.metadata.sequence.stream, operation, msg.data)
+        except Exception as exc:  # keep following; the periodic resync heals gaps
+            log.warning("watch entry not applied", subject=msg.subject, error=repr(exc))
 
     async def _resync_forever(self) -> None:
         while True:
