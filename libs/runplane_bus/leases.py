@@ -1,8 +1,11 @@
-"""Leader election with a lease in KV `rp-leases`: renewed by compare-and-set each round,
-taken over by a standby once it has expired, released on a clean stop."""
+"""Leader election with a lease in KV `rp-leases`: renewed by compare-and-set each round
+(and, with `keep`, between rounds, so a slow round cannot cost it), taken over by a standby
+once it has expired, released on a clean stop."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -29,10 +32,26 @@ class LeaseKeeper:
         self._revision: int | None = None
         self._acquired_at_ms = 0
         self._renewed_at_ms = 0
+        self._lock = asyncio.Lock()
 
     async def hold(self) -> bool:
         """Renew or take the lease if possible; True while this process leads. Call it more
-        often than the TTL. On any doubt (a lost race, NATS trouble) it answers False."""
+        often than the TTL. On any doubt (a lost race, NATS trouble) it answers False.
+        Callers take turns: one compare-and-set at a time, or this process races itself."""
+        async with self._lock:
+            return await self._hold()
+
+    async def keep(self, stop: asyncio.Event) -> None:
+        """Renew (or try to take) the lease every TTL/6 until `stop`, beside a loop that calls
+        `hold()` each round: a round that waits on a slow request (a JetStream request times
+        out after 5 s while a stream elects a leader) then no longer lets the lease lapse, and
+        a round seldom waits for the renewal's round trips."""
+        while not stop.is_set():
+            await self.hold()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.ttl_ms / 6000)
+
+    async def _hold(self) -> bool:
         was_leading = self.leading
         if was_leading and self.clock.now_ms() - self._renewed_at_ms < self.ttl_ms // 3:
             # Renewed moments ago: still ours for at least 2/3 of the TTL, no round trip needed.
@@ -71,13 +90,14 @@ class LeaseKeeper:
 
     async def release(self) -> None:
         """Give the lease up (a clean stop), so a standby need not wait for it to expire."""
-        if not self.leading or self._revision is None:
-            return
-        try:
-            await self.kv.kv.delete(self.key, last=self._revision)
-        except Exception as exc:
-            log.info("lease not released", role=self.role, error=repr(exc))
-        self.leading = False
+        async with self._lock:
+            if not self.leading or self._revision is None:
+                return
+            try:
+                await self.kv.kv.delete(self.key, last=self._revision)
+            except Exception as exc:
+                log.info("lease not released", role=self.role, error=repr(exc))
+            self.leading = False
 
 
 def holder_id(role: str) -> str:

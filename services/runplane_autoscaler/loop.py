@@ -62,6 +62,7 @@ class Autoscaler:
         # The target last written per endpoint and when (ms), to write only on change.
         self.written: dict[str, tuple[ScaleTarget, int]] = {}
         self._restored = False
+        self._leading = False  # as this loop last saw it (the lease is renewed between rounds too)
         self.ticks = 0  # rounds started (tests wait on it)
         self._mirrors: tuple[Mirror[NodeStatus], Mirror[EndpointSpec], Mirror[PlacementStatus]] | None = None
 
@@ -69,12 +70,21 @@ class Autoscaler:
         log.info("autoscaler running", interval_s=self.settings.interval_s)
         # Live copies of node status and endpoint specs instead of reading them every round.
         self._mirrors = (Mirror(self.bus.nodes), Mirror(self.bus.endpoints), Mirror(self.bus.placement))
+        keeper: asyncio.Task[None] | None = None
         try:
             for mirror in self._mirrors:
                 await mirror.start()
+            # The lease is renewed beside the loop too: a round held up by a slow request (the
+            # sample's JetStream requests wait 5 s while a stream elects a leader) must not cost it.
+            if self.lease is not None:
+                keeper = asyncio.create_task(self.lease.keep(stop))
             await every(self.settings.interval_s, stop, self.tick, on_error=_tick_failed,
                         observe_s=TICK_SECONDS.observe)
         finally:
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
             for mirror in self._mirrors:
                 await mirror.stop()
             self._mirrors = None
@@ -83,10 +93,11 @@ class Autoscaler:
         TICKS.inc()
         self.ticks += 1
         if self.lease is not None:
-            was_leading = self.lease.leading
             if not await self.lease.hold():
+                self._leading = False
                 return
-            if not was_leading:  # taking over: continue from the state the last leader persisted
+            if not self._leading:  # taking over: continue from the state the last leader persisted
+                self._leading = True
                 self._restored = False
                 self.written.clear()
         now_ms = self.clock.now_ms()

@@ -46,3 +46,29 @@ async def test_two_contenders_racing_for_a_free_lease_get_one_winner(nats_server
         assert sorted(results) == [False] * 4 + [True]
     finally:
         await bus.close()
+
+
+async def test_a_kept_lease_outlives_a_slow_round_and_one_holder_never_races_itself(nats_server):
+    import asyncio
+
+    from runplane_service.clock import Clock
+    from runplane_testing.waiting import async_wait_until
+
+    bus = await Bus.connect(BusSettings(url=nats_server.url))
+    stop = asyncio.Event()
+    try:
+        a = LeaseKeeper(bus.leases, "autoscaler", "a", ttl_s=0.6, clock=Clock())
+        b = LeaseKeeper(bus.leases, "autoscaler", "b", ttl_s=0.6, clock=Clock())
+        # Two calls at once (a round and the keeper): one compare-and-set, both answer True.
+        assert await asyncio.gather(a.hold(), a.hold()) == [True, True]
+        assert (await bus.leases.get("autoscaler")).value.holder == "a"
+        keeper = asyncio.create_task(a.keep(stop))
+        for _ in range(8):  # 2 s, over three TTLs, with no round calling hold()
+            await asyncio.sleep(0.25)
+            assert await b.hold() is False
+        stop.set()
+        await keeper
+        assert a.leading
+        await async_wait_until(b.hold, timeout_s=5, what="a takeover once a stops keeping it")
+    finally:
+        await bus.close()
