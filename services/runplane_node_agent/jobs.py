@@ -180,7 +180,8 @@ class Jobs:
         now_ms = self.clock.now_ms()
         # A first delivery carrying its record goes to the worker at once; the claim write
         # reads the stored record meanwhile (a cancel in between becomes a stop).
-        record = _as_sent(queued, msg, ep, now_ms=now_ms, max_attempts=self.settings.max_attempts)
+        record = _as_sent(queued, msg, ep, now_ms=now_ms, max_attempts=self.settings.max_attempts,
+                          window_ms=self.settings.as_sent_window_ms)
         revision: int | None = None
         try:
             if record is None:
@@ -546,14 +547,19 @@ class Jobs:
         task.add_done_callback(_finished_task(self._tasks))
 
 
-def _as_sent(queued: JobQueued, msg: Msg, endpoint_id: str, *, now_ms: int,
-             max_attempts: int) -> JobRecord | None:
+def _as_sent(queued: JobQueued, msg: Msg, endpoint_id: str, *, now_ms: int, max_attempts: int,
+             window_ms: int) -> JobRecord | None:
     """The record a queue message carries, when the job may go to a worker on it alone: its
-    first delivery, for this endpoint, queued and never run, and to run now (not past its TTL).
-    Anything else is decided on the stored record."""
+    first delivery, for this endpoint, submitted at most `window_ms` ago (a job that waited in
+    the queue may have been cancelled meanwhile and must not start; a cancel inside the window
+    meets a job already started, which is stopped, as a cancel racing any hand-over is),
+    queued and never run. Anything else is decided on the stored record."""
     record = queued.record
     if record is None or record.id != queued.job_id or record.endpoint_id != endpoint_id \
             or record.status != "IN_QUEUE" or record.attempts != 0:
+        return None
+    # abs(): with clocks further apart than the window, every job takes the stored-record path.
+    if abs(now_ms - record.submitted_at_ms) > window_ms:
         return None
     try:
         if msg.metadata.num_delivered != 1:

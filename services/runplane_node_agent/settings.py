@@ -32,6 +32,9 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     disk_path: str = "/"
     ack_wait_s: float = 30.0
     max_attempts: int = 3
+    # A first delivery this soon after its submit goes to a worker on the record its queue
+    # message carries, before the stored record is read (0: always read it first).
+    as_sent_window_ms: int = 50
     heartbeat_s: float = 1.0
     worker_ping_interval_ms: int = 5000
     worker_ping_timeout_s: float = 15.0
@@ -90,6 +93,7 @@ def from_env() -> AgentSettings:
         disk_path=env_str("RP_DISK_PATH", "/"),
         ack_wait_s=env_float("RP_ACK_WAIT_S", 30.0),
         max_attempts=env_int("RP_MAX_ATTEMPTS", 3),
+        as_sent_window_ms=env_int("RP_AS_SENT_WINDOW_MS", 50),
         heartbeat_s=env_float("RP_HEARTBEAT_S", 1.0),
         worker_ping_interval_ms=ping_interval_ms,
         worker_ping_timeout_s=env_float("RP_WORKER_PING_TIMEOUT_S", 3 * ping_interval_ms / 1000),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 import pytest_asyncio
@@ -24,6 +25,7 @@ from node_agent_harness import (
     wait_worker_state,
     worker_pid,
 )
+from runplane_node_agent import metrics
 from runplane_proto import subjects as s
 from runplane_testing.waiting import async_wait_until
 from test_node_agent_worker_api import cancel_like_the_gateway, collect_events, consumer_settled, read_chunks
@@ -207,3 +209,21 @@ async def test_the_layout_version_moves_with_the_workers_and_not_with_heartbeats
 
 async def _beat_after(bus, key: str, heartbeat_at_ms: int) -> bool:
     return (await bus.nodes.get(key)).value.heartbeat_at_ms > heartbeat_at_ms
+
+
+async def test_a_job_cancelled_while_it_waited_in_the_queue_never_starts(bus, agent):
+    """Its queue message still carries the record as submitted (IN_QUEUE); the job waited
+    longer than the as-sent window, so the agent reads the stored record first, finds it
+    CANCELLED and acks the message: no worker is handed the job."""
+    ep = "waited"
+    job_id = await submit(bus, ep, {"text": "never"}, submitted_at_ms=int(time.time() * 1000) - 10_000)
+    await cancel_like_the_gateway(bus, ep, job_id)
+    skipped = metrics.JOBS_SKIPPED.labels(endpoint=ep, reason="terminal")
+    before = skipped._value.get()
+    worker_id = await start_worker(bus, agent.settings.node_id, echo_spec(ep))
+    await async_wait_until(lambda: consumer_settled(bus, ep), timeout_s=20, what="message acked")
+    assert skipped._value.get() == before + 1
+    record = await record_of(bus, ep, job_id)
+    assert record.status == "CANCELLED" and record.worker_id is None and record.attempts == 0
+    info = await wait_worker_state(bus, agent.settings.node_id, worker_id, "idle")
+    assert info.worker_id == worker_id

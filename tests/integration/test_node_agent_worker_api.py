@@ -30,7 +30,8 @@ from runplane_proto.jobs import (
 from runplane_testing.waiting import async_wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-AGENT_OPTIONS = {"take_poll_s": 1.0}
+# A wide as-sent window: the hand-driven takes below must not depend on how busy the machine is.
+AGENT_OPTIONS = {"take_poll_s": 1.0, "as_sent_window_ms": 60_000}
 
 EVENTS: Codec[JobEvent] = Codec(JobEvent)
 CHUNK: Codec[StreamChunk] = Codec(StreamChunk)
