@@ -85,6 +85,8 @@ JETSTREAM: dict[str, tuple[Grant, ...]] = {
         Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_JOBS)}.*",),
               "lists an endpoint's jobs page by page (a pull consumer of rp-jobs)"),
         Grant(tuple(read_messages(s.STREAM_CHUNKS)), "/stream reads a job's chunks by sequence"),
+        Grant((f"{API}.STREAM.MSG.DELETE.{s.STREAM_JOBS}",),
+              "takes back the queued message of a submit whose record could not be written"),
         Grant(tuple(read_messages(s.STREAM_JOBS) + read_messages(s.STREAM_JOB_ENDS)),
               "/status counts a queued job's place and the endpoint's recent ends, /health finds its "
               "oldest queued job (direct gets; no message is taken)"),

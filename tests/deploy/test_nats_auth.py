@@ -254,3 +254,40 @@ def test_a_wrong_password_is_refused(secured):
         assert "authorization" in str(info.value).lower()
 
     asyncio.run(attempt())
+
+
+def test_the_gateway_may_take_back_a_queued_message_and_an_agent_may_not(secured):
+    """A submit whose record could not be written takes its queued message back (the gateway's
+    Bus.delete_queued); no other service may delete from the queue."""
+    cluster, server = secured
+
+    async def attempt() -> None:
+        gateway = await Bus.connect(BusSettings(url=server.url, name="test-gateway", user="gateway",
+                                                password=cluster.passwords["gateway"],
+                                                inbox_prefix="_INBOX.gateway"))
+        try:
+            seq = (await gateway.js.publish(s.job_queue("gone"), b"not a job")).seq
+            await gateway.delete_queued(seq)
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await gateway.js.get_msg(s.STREAM_JOBS, seq)
+            seq = (await gateway.js.publish(s.job_queue("gone"), b"not a job")).seq
+        finally:
+            await gateway.close()
+        nc, errors = await _as_node_agent(server.url, cluster.passwords["node-agent"])
+        try:
+            with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+                await nc.jetstream(timeout=2).delete_msg(s.STREAM_JOBS, seq)
+        finally:
+            await nc.close()
+        admin = await nats.connect(server.url, user="admin", password=cluster.passwords["admin"])
+        try:
+            assert (await admin.jetstream().get_msg(s.STREAM_JOBS, seq)).data == b"not a job"
+            await admin.jetstream().delete_msg(s.STREAM_JOBS, seq)
+        finally:
+            await admin.close()
+
+    asyncio.run(attempt())
+    violations = server.violations()
+    assert not any('"RUNPLANE/user:gateway"' in line for line in violations), violations[-5:]
+    assert any('"RUNPLANE/user:node-agent" - Publish Violation - Subject "$JS.API.STREAM.MSG.DELETE.JOBS"'
+               in line for line in violations), violations[-5:]
