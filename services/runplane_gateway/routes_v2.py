@@ -163,13 +163,13 @@ class ClientApi:
     async def run(self, request: Request) -> Response:
         spec = await self._endpoint(request)
         with self.limiter.hold(spec.id, "run"):
-            await self.jobs.check_queue_cap(spec.id)
             body = await read_body(request, self.settings.max_body_run_bytes, "run")
             sub = parse_submission(body, spec)
             job_id = new_job_id()
             claim = await self._claim(request, spec, body, sub, job_id, sync=False)
             if claim is not None and not claim.ours:
                 return await self._repeat_run(spec.id, claim)
+            await self._check_queue_cap(spec.id, claim)
             record = await self._submit(spec, job_id, sub, sync=False, claim=claim)
         return json_response(encoder.encode(JobRef(id=record.id, status=record.status)))
 
@@ -177,13 +177,13 @@ class ClientApi:
         spec = await self._endpoint(request)
         wait_ms = _wait_ms(request, self.settings.runsync_wait_ms)
         with self.limiter.hold(spec.id, "runsync"):
-            await self.jobs.check_queue_cap(spec.id)
             body = await read_body(request, self.settings.max_body_runsync_bytes, "runsync")
             sub = parse_submission(body, spec)
             job_id = new_job_id(sync=True)
             claim = await self._claim(request, spec, body, sub, job_id, sync=True)
             if claim is not None and not claim.ours:
                 return await self._repeat_runsync(spec.id, claim, wait_ms)
+            await self._check_queue_cap(spec.id, claim)
             done = await self._submit_and_wait(spec, job_id, sub, claim, wait_ms)
             if done is not None:
                 return json_response(await self.jobs.view(done))
@@ -262,6 +262,16 @@ class ClientApi:
         scope = access_in(request).key_id or "bootstrap"
         return await self.idempotency.claim(spec.id, scope, key, digest=body_digest(body), job_id=job_id,
                                             sync=sync)
+
+    async def _check_queue_cap(self, endpoint_id: str, claim: Claim | None) -> None:
+        """429 when the queue is full, checked after the idempotency key: a repeat queues
+        nothing and is answered even then; a new key's entry is let go with the refusal."""
+        try:
+            await self.jobs.check_queue_cap(endpoint_id)
+        except ApiError:
+            if claim is not None and self.idempotency is not None:
+                await self.idempotency.release(claim)
+            raise
 
     async def _submit(self, spec: EndpointSpec, job_id: str, sub: Submission, *, sync: bool,
                       claim: Claim | None, notify: str | None = None) -> JobRecord:

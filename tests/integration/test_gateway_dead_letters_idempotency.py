@@ -315,3 +315,41 @@ async def test_dead_letters_expire_and_endpoint_keys_stay_in_scope(replicas) -> 
             return (await admin.get(f"/v1/endpoints/{ep}/dead-letters")).json()["deadLetters"] == []
 
         await async_wait_until(expired, timeout_s=10, what="the dead letter expired")
+
+
+async def test_a_repeat_is_answered_even_when_the_queue_is_full(nats_server) -> None:
+    """The queue cap is checked after the key: a repeat queues nothing and gets the original
+    job; a new key is refused with 429 and its entry let go, so the same key works once there
+    is room again."""
+    bus = await Bus.connect(BusSettings(url=nats_server.url, name="gateway-cap"))
+    gateway = await Gateway.start(bus, msgspec.structs.replace(SETTINGS, queue_cap=2), webhooks=False)
+    try:
+        async with Replica(bus, gateway).client() as http:
+            ep = await _endpoint(http, "idem-cap")
+            first = await http.post(f"/v2/{ep}/run", json={"input": 1}, headers={"Idempotency-Key": "k-1"})
+            assert first.status_code == 200, first.text
+            assert (await http.post(f"/v2/{ep}/run", json={"input": 2})).status_code == 200
+            await async_wait_until(lambda: _full(http, ep), timeout_s=10, what="the queue full")
+            for op in ("run", "runsync"):
+                again = await http.post(f"/v2/{ep}/{op}?wait=1000", json={"input": 1},
+                                        headers={"Idempotency-Key": "k-1"})
+                assert again.status_code == 200, (op, again.text)
+                assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+            refused = await http.post(f"/v2/{ep}/run", json={"input": 3}, headers={"Idempotency-Key": "k-new"})
+            assert refused.status_code == 429, refused.text
+            assert (await http.post(f"/v2/{ep}/purge-queue")).status_code == 200
+            await async_wait_until(lambda: _room(http, ep), timeout_s=10, what="room in the queue")
+            later = await http.post(f"/v2/{ep}/run", json={"input": 3}, headers={"Idempotency-Key": "k-new"})
+            assert later.status_code == 200 and "idempotent-replayed" not in later.headers, later.text
+            assert later.json()["id"] != first.json()["id"]
+    finally:
+        await gateway.stop()
+        await bus.close()
+
+
+async def _full(http: httpx.AsyncClient, ep: str) -> bool:
+    return (await http.post(f"/v2/{ep}/run", json={"input": 0})).status_code == 429
+
+
+async def _room(http: httpx.AsyncClient, ep: str) -> bool:
+    return await _queued(http, ep) == 0
