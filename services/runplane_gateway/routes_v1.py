@@ -20,6 +20,7 @@ from runplane_gateway.job_list import MAX_LIMIT as MAX_JOBS, recent_jobs
 from runplane_gateway.jobs import Jobs
 from runplane_gateway.keys import access_in
 from runplane_gateway.limits import read_body
+from runplane_gateway.request_fields import query_int
 from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.wire import Deleted, encoder
 from runplane_gateway.worker_logs import MAX_LIMIT as MAX_LOG_LINES, decode_cursor, endpoint_logs
@@ -145,16 +146,7 @@ class ManagementApi:
 
 
 def _limit(request: Request, *, default: int, most: int) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None or raw == "":
-        return default
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = -1
-    if not 0 <= limit <= most:
-        raise ApiError(400, f"limit must be an integer between 0 and {most}, got {raw!r}")
-    return limit
+    return query_int(request, "limit", default=default, most=most, meaning=f"an integer between 0 and {most}")
 
 
 def _unknown(endpoint_id: str) -> ApiError:

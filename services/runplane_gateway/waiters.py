@@ -23,6 +23,16 @@ log = structlog.get_logger("runplane.gateway.waiters")
 _event_codec: Codec[JobEvent] = Codec(JobEvent)
 
 
+def _decoded(msg: Msg) -> JobEvent | None:
+    """A job event, or None (counted and logged) when it does not decode."""
+    try:
+        return _event_codec.decode(msg.data)
+    except DecodeError as exc:
+        metrics.DROPPED.labels("job events").inc()
+        log.warning("dropped undecodable event", subject=msg.subject, error=str(exc))
+        return None
+
+
 class JobWaiter:
     """`async with JobWaiter(nc, job_id) as w: ...publish...; record = await w.wait(s)`."""
 
@@ -47,17 +57,10 @@ class JobWaiter:
 
     async def wait(self, timeout_s: float) -> JobRecord | None:
         """The terminal record, or None when `timeout_s` runs out first."""
-        if not self._done.done():
-            await asyncio.wait((self._done,), timeout=timeout_s)
-        return self._done.result() if self._done.done() else None
+        return await wait_for_end(self._done, timeout_s)
 
     async def _on_event(self, msg: Msg) -> None:
-        try:
-            event = _event_codec.decode(msg.data)
-        except DecodeError as exc:
-            metrics.DROPPED.labels("job events").inc()
-            log.warning("dropped undecodable event", subject=msg.subject, error=str(exc))
-            return
+        event = _decoded(msg)
         if isinstance(event, JobChanged):
             record = event.record
             if record.id != self.job_id:  # never answer with another job's record
@@ -110,12 +113,7 @@ class SyncEnds:
         self._waiting.pop(job_id, None)
 
     async def _on_event(self, msg: Msg) -> None:
-        try:
-            event = _event_codec.decode(msg.data)
-        except DecodeError as exc:
-            metrics.DROPPED.labels("job events").inc()
-            log.warning("dropped undecodable event", subject=msg.subject, error=str(exc))
-            return
+        event = _decoded(msg)
         if not isinstance(event, JobChanged) or not is_terminal(event.record.status):
             return
         future = self._waiting.get(event.record.id)  # None: its wait already ran out
