@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from runplane_testing.procs import OwnedProcess
 from runplane_testing.natsserver import NatsServer, free_port, wait_port
 from runplane_testing.waiting import wait_until
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class ServiceProc:
+class ServiceProc(OwnedProcess):
     name: str
     module: str
     env: dict[str, str]
@@ -33,27 +33,6 @@ class ServiceProc:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=ROOT,
                                      stdout=log, stderr=subprocess.STDOUT)
         return self
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, grace_s: float = 10) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @dataclass

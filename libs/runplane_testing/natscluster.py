@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runplane_testing.procs import OwnedProcess
 from runplane_testing.natsserver import free_port, nats_server_binary, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def new_passwords() -> dict[str, str]:
 
 
 @dataclass
-class NatsNode:
+class NatsNode(OwnedProcess):
     """One nats-server with JetStream. With `config` only the addresses are given on the
     command line (they override the file) and the passwords as variables; without one it is
     plain JetStream with no users. With `cluster_port` and `routes` it is a cluster member."""
@@ -80,27 +80,6 @@ class NatsNode:
             raise AssertionError(f"nats-server {self.name} did not start:\n{self.log_text()[-3000:]}") \
                 from None
         return self
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.alive:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def violations(self) -> list[str]:
         """Every permission or authorization violation the server logged."""
