@@ -188,7 +188,9 @@ async def test_pending_workers_and_their_reason_are_published_until_capacity_app
         status = await async_wait_until(lambda: _pending_is(bus, 1), timeout_s=10,
                                         what="one worker placed, one pending")
         assert "h1: 0 of 1 GPUs free" in status.reason and "a1: 2 of 2 GPUs free" in status.reason
-        assert [s.gpu_uuids for s in big.started] == [["GPU-h0"]]
+        # The status and the start command go out together: the node may hear of it a moment later.
+        started = await eventually(lambda: _ready(big.started, 1), what="the start on h1")
+        assert [s.gpu_uuids for s in started] == [["GPU-h0"]]
         big.gpus = h100 + [GpuInfo(index=1, uuid="GPU-h1", name="NVIDIA H100 80GB HBM3", memory_total_mb=81920)]
         await big.report()
         await eventually(lambda: _ready(big.of("ep1"), 2), what="both workers placed")
