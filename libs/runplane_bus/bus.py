@@ -23,7 +23,7 @@ from runplane_proto import subjects as s
 from runplane_proto.codec import Codec, DecodeError, encode
 from runplane_proto.dead_letters import DeadLetter, dead_letter_of, is_dead
 from runplane_proto.endpoints import EndpointSpec
-from runplane_proto.jobs import JobChanged, JobEnded, JobOutcome, JobRecord, is_terminal, outcome_of
+from runplane_proto.jobs import JobChanged, JobEnded, JobOutcome, JobRecord, outcome_of
 from runplane_proto.leases import Lease
 from runplane_proto.nodes import NodeStatus
 from runplane_proto.scaling import PlacementStatus, ScaleTarget
@@ -148,12 +148,9 @@ class Bus:
         await self.nc.publish(subject, encode(msg))
 
     async def job_changed(self, record: JobRecord) -> None:
-        """Announce a record just written: JobChanged on the job's events subject and, for a
-        terminal record naming a waiting gateway (`notify`, /runsync), on that gateway's."""
-        event = encode(JobChanged(record=record))
-        await self.nc.publish(s.job_events(record.id), event)
-        if record.notify is not None and is_terminal(record.status):
-            await self.nc.publish(s.job_events(record.notify), event)
+        """Announce a record just written: JobChanged on the job's events subject. (A /runsync
+        gateway replica hears its jobs' records from KV rp-jobs itself: topology.)"""
+        await self.nc.publish(s.job_events(record.id), encode(JobChanged(record=record)))
 
     async def publish_durable(self, subject: str, msg: Any, *, msg_id: str | None = None) -> int:
         """Publish to JetStream and wait for the store's ack; returns the stream sequence."""

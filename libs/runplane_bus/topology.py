@@ -15,6 +15,9 @@ JOBS_MAX_AGE_S = 7 * DAY_S + 3600
 # The window /health's completed / failed / retried counts cover: RunPod's result retention
 # for /run jobs.
 JOB_ENDS_MAX_AGE_S = 1800.0
+# Every write of a job record goes out again on a core subject: /runsync hears its job's end
+# from the store itself (subjects.gateway_job_records).
+JOB_RECORDS_REPUBLISH = api.RePublish(src=s.JOB_RECORDS_REPUBLISH_SOURCE, dest=s.JOB_RECORDS_REPUBLISH_DEST)
 
 
 async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
@@ -52,6 +55,7 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
     ):
         await _bucket(js, api.KeyValueConfig(
             bucket=bucket, history=history, ttl=ttl, direct=True, replicas=replicas,
+            republish=JOB_RECORDS_REPUBLISH if bucket == s.KV_JOBS else None,
         ))
     try:
         await js.object_store(s.OBJ_PAYLOADS)
@@ -59,6 +63,20 @@ async def ensure_topology(js: JetStreamContext, *, replicas: int = 1) -> None:
         await js.create_object_store(s.OBJ_PAYLOADS, config=api.ObjectStoreConfig(
             bucket=s.OBJ_PAYLOADS, ttl=JOBS_MAX_AGE_S, replicas=replicas,
         ))
+
+
+async def ensure_job_records_republish(js: JetStreamContext) -> bool:
+    """Give KV rp-jobs its republish when it was made without one (by a version before it);
+    True when the stream was changed. The gateway calls this at start, as /runsync relies on it."""
+    stream = f"KV_{s.KV_JOBS}"
+    config = (await js.stream_info(stream)).config
+    current = config.republish
+    if current is not None and (current.src, current.dest) == (JOB_RECORDS_REPUBLISH.src,
+                                                                JOB_RECORDS_REPUBLISH.dest):
+        return False
+    config.republish = JOB_RECORDS_REPUBLISH
+    await js.update_stream(config)
+    return True
 
 
 async def _stream(js: JetStreamContext, config: api.StreamConfig) -> None:

@@ -17,11 +17,11 @@ EndpointId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 JobId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 WorkerId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 NodeId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
-# Names one gateway replica (process) on the bus, e.g. where /runsync results go.
-GatewayToken = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 
 # The suffix RunPod appends to job ids names a region; ours names the install.
 JOB_ID_SUFFIX = "-r1"
+# Length of a gateway replica's token, which ends the ids of its /runsync jobs.
+GATEWAY_TOKEN_LEN = 16
 
 
 def is_valid_id(value: str) -> bool:
@@ -40,10 +40,18 @@ def _short(n: int) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(n))
 
 
-def new_job_id(*, sync: bool = False) -> str:
-    """A job id shaped like RunPod's: uuid plus a suffix, `sync-` first for /runsync."""
-    base = f"{uuid.uuid4()}{JOB_ID_SUFFIX}"
-    return f"sync-{base}" if sync else base
+def new_job_id(*, sync: bool = False, gateway: str | None = None) -> str:
+    """A job id shaped like RunPod's: uuid plus a suffix, `sync-` first for /runsync. A
+    /runsync job waited for by a gateway replica ends with that replica's token instead of
+    the suffix: the job's record writes are republished to a subject ending with the last
+    GATEWAY_TOKEN_LEN characters of its id (subjects.gateway_job_records)."""
+    if not sync:
+        return f"{uuid.uuid4()}{JOB_ID_SUFFIX}"
+    if gateway is None:
+        return f"sync-{uuid.uuid4()}{JOB_ID_SUFFIX}"
+    if len(gateway) != GATEWAY_TOKEN_LEN or not is_valid_id(gateway) or "-" in gateway:
+        raise ValueError(f"invalid gateway token {gateway!r}")
+    return f"sync-{uuid.uuid4()}-{gateway}"
 
 
 def new_endpoint_id() -> str:
@@ -55,5 +63,7 @@ def new_worker_id() -> str:
 
 
 def new_gateway_token() -> str:
-    """A gateway replica's token; `gw-` keeps it apart from job ids on `rp.job.*.events`."""
-    return f"gw-{_short(16)}"
+    """A gateway replica's token: `gw` and 14 more, GATEWAY_TOKEN_LEN in all, no dash. Any
+    other job id ends with a uuid's hex digits and JOB_ID_SUFFIX, so its last
+    GATEWAY_TOKEN_LEN characters never start with `g`: never a token."""
+    return f"gw{_short(GATEWAY_TOKEN_LEN - 2)}"

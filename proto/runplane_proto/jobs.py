@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-from runplane_proto.ids import EndpointId, GatewayToken, JobId, NodeId, WorkerId
+from runplane_proto.ids import EndpointId, JobId, NodeId, WorkerId
 from runplane_proto.timings import JobTimings
 
 JobStatus = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
@@ -85,10 +85,6 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     attempt_log: tuple[JobAttempt, ...] = ()
     # Where the current attempt's time went (node agent; runplane_proto.timings).
     timings: JobTimings | None = None
-    # A /runsync job: the token of the gateway replica waiting for it. Whoever makes the
-    # record terminal also publishes the JobChanged on `rp.job.<notify>.events`, that
-    # replica's one subscription (no subscription per request).
-    notify: GatewayToken | None = None
 
 
 class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):
@@ -106,8 +102,7 @@ class JobQueued(msgspec.Struct, frozen=True, kw_only=True, tag="job_queued"):
 
 
 class JobChanged(msgspec.Struct, frozen=True, kw_only=True, tag="job_changed"):
-    """Published on `rp.job.<id>.events` after every status change, with the new record
-    (a terminal one also on `rp.job.<notify>.events` when the record names a gateway)."""
+    """Published on `rp.job.<id>.events` after every status change, with the new record."""
 
     record: JobRecord
 

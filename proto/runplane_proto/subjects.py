@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runplane_proto import dead_letters, endpoints, idempotency, jobs, leases, logs, nodes, scaling
-from runplane_proto.ids import check_id
+from runplane_proto.ids import GATEWAY_TOKEN_LEN, check_id
 
 # JetStream streams
 STREAM_JOBS = "JOBS"
@@ -102,6 +102,20 @@ def job_key(endpoint_id: str, job_id: str) -> str:
     return f"{check_id(endpoint_id, 'endpoint')}.{check_id(job_id, 'job')}"
 
 
+# KV rp-jobs republishes every write of a job record (the stored message: headers, value) to
+# `rp.jobrec.<endpoint>.<job id but its last 16 characters>.<its last 16 characters>`. A
+# /runsync job's id ends with its gateway replica's token (ids.new_job_id), so the replica
+# hears the records of its own jobs, as the server stores them, on one subscription.
+JOB_RECORDS_REPUBLISH_SOURCE = f"$KV.{KV_JOBS}.*.*"
+JOB_RECORDS_REPUBLISH_DEST = ("rp.jobrec.{{wildcard(1)}}."
+                              f"{{{{SplitFromRight(2,{GATEWAY_TOKEN_LEN})}}}}")
+
+
+def gateway_job_records(token: str) -> str:
+    """What a gateway replica subscribes to for the records of its /runsync jobs."""
+    return f"rp.jobrec.*.*.{check_id(token, 'gateway')}"
+
+
 def endpoint_jobs_filter(endpoint_id: str) -> str:
     return f"{check_id(endpoint_id, 'endpoint')}.*"
 
@@ -174,8 +188,16 @@ REGISTRY: tuple[Channel, ...] = (
             "(filters on both queues, one FIFO), but counted apart so it never makes the autoscaler "
             "add a worker; it runs on workers that exist for other reasons, or expires by its TTL."),
     Channel("job events", "rp.job.<job>.events", "core", jobs.JobEvent,
-            ("node-agent", "gateway", "scheduler"), ("gateway"),
-            "Status changes (with the record) and stream-chunk notices; what /runsync waits on."),
+            ("node-agent", "gateway", "scheduler"), ("gateway",),
+            "Status changes (with the record) and stream-chunk notices; what `/status?wait=` and a "
+            "repeated /runsync wait on."),
+    Channel("job records of /runsync", "rp.jobrec.<endpoint>.<job head>.<gateway>",
+            f"core (republished by KV {KV_JOBS})", jobs.JobRecord, ("nats-server",), ("gateway",),
+            f"Every write of a job record as stored, republished by the bucket's stream (`RePublish`: "
+            f"headers, and the value unless it is a delete marker) to a subject that splits the job id "
+            f"{GATEWAY_TOKEN_LEN} characters from its end. A /runsync job's id ends with the token of "
+            f"the gateway replica waiting for it, which subscribes to `rp.jobrec.*.*.<token>`: the end "
+            f"reaches it straight from the store, whoever wrote it, with no subscription per request."),
     Channel("job chunks", "rp.job.<job>.chunks", f"jetstream {STREAM_CHUNKS} (limits)", jobs.StreamChunk,
             ("node-agent",), ("gateway",), "Generator outputs, read by /stream with a drain cursor."),
     Channel("job cancel", "rp.endpoint.<endpoint>.cancel", "core", jobs.CancelJob,

@@ -9,8 +9,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+import structlog
 
 from runplane_bus import Bus, Conflict
+from runplane_bus.topology import ensure_job_records_republish
 from runplane_proto.ids import new_gateway_token
 from runplane_service.clock import Clock
 from runplane_service.metrics import metrics as metrics_endpoint
@@ -32,6 +34,8 @@ from runplane_gateway.settings import GatewaySettings
 from runplane_gateway.webhooks import WebhookSender
 from runplane_gateway.waiters import SyncEnds
 from runplane_gateway.wire import encoder
+
+log = structlog.get_logger("runplane.gateway")
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Gateway:
         workers = RunningWorkers(bus, now_ms=clock.now_ms, node_loss_timeout_s=settings.node_loss_timeout_s)
         limiter = RateLimiter(enabled=settings.rate_limits, running_workers=workers)
         idempotency = await Idempotency(bus, settings.idempotency_window_s, clock).start()
+        if await ensure_job_records_republish(bus.js):  # a bucket made by an older version
+            log.info("KV rp-jobs now republishes record writes (for /runsync)")
         sync_ends = await SyncEnds(bus.nc, new_gateway_token()).start()
         client = ClientApi(bus, catalog, jobs, chunks, limiter, settings, clock, sync_ends=sync_ends,
                            idempotency=idempotency)

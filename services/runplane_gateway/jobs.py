@@ -65,10 +65,9 @@ class Jobs:
 
     async def submit(
         self, spec: EndpointSpec, job_id: str, *, input_raw: bytes, sync: bool, policy: JobPolicy,
-        webhook: str | None, extra_json: bytes | None, notify: str | None = None,
+        webhook: str | None, extra_json: bytes | None,
     ) -> JobRecord:
-        """Save the input, create the record IN_QUEUE and queue the job (both at once).
-        `notify`: the token of the gateway replica that waits for the job's end (/runsync)."""
+        """Save the input, create the record IN_QUEUE and queue the job (both at once)."""
         if policy.low_priority:
             await self._low_queue(spec.id)
         if len(input_raw) > INLINE_PAYLOAD_LIMIT_BYTES:
@@ -78,7 +77,7 @@ class Jobs:
         record = JobRecord(
             id=job_id, endpoint_id=spec.id, status="IN_QUEUE", policy=policy,
             submitted_at_ms=self.clock.now_ms(), sync=sync, input_json=input_json, input_ref=input_ref,
-            extra_json=extra_json, webhook=webhook, notify=notify,
+            extra_json=extra_json, webhook=webhook,
         )
         key = subjects.job_key(spec.id, job_id)
         small = input_ref is None and len(input_raw) + len(extra_json or b"") <= EMBED_LIMIT_BYTES
@@ -201,7 +200,7 @@ class Jobs:
             return msgspec.structs.replace(
                 r, status="IN_QUEUE", retries=r.retries + 1, attempts=0, submitted_at_ms=now_ms,
                 started_at_ms=None, completed_at_ms=None, output_json=None, output_ref=None, error=None,
-                worker_id=None, node_id=None, notify=None,
+                worker_id=None, node_id=None,
             )
 
         new, wrote = await self._change(_key(record), requeue)

@@ -179,7 +179,7 @@ class ClientApi:
         with self.limiter.hold(spec.id, "runsync"):
             body = await read_body(request, self.settings.max_body_runsync_bytes, "runsync")
             sub = parse_submission(body, spec)
-            job_id = new_job_id(sync=True)
+            job_id = new_job_id(sync=True, gateway=self.sync_ends.token)
             claim = await self._claim(request, spec, body, sub, job_id, sync=True)
             if claim is not None and not claim.ours:
                 return await self._repeat_runsync(spec.id, claim, wait_ms)
@@ -274,10 +274,10 @@ class ClientApi:
             raise
 
     async def _submit(self, spec: EndpointSpec, job_id: str, sub: Submission, *, sync: bool,
-                      claim: Claim | None, notify: str | None = None) -> JobRecord:
+                      claim: Claim | None) -> JobRecord:
         try:
             return await self.jobs.submit(spec, job_id, input_raw=sub.input_raw, sync=sync, policy=sub.policy,
-                                          webhook=sub.webhook, extra_json=sub.extra_json, notify=notify)
+                                          webhook=sub.webhook, extra_json=sub.extra_json)
         except BaseException:
             if claim is not None and self.idempotency is not None:
                 await self.idempotency.release(claim)  # nothing was queued: a repeat may try again
@@ -288,7 +288,7 @@ class ClientApi:
         """Queue a /runsync job and wait for its end: the terminal record, or None."""
         ending = self.sync_ends.expect(job_id)
         try:
-            await self._submit(spec, job_id, sub, sync=True, claim=claim, notify=self.sync_ends.token)
+            await self._submit(spec, job_id, sub, sync=True, claim=claim)
             return await wait_for_end(ending, wait_ms / 1000)
         finally:
             self.sync_ends.forget(job_id)

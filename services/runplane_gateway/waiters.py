@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -74,13 +75,25 @@ class JobWaiter:
                 self._done.set_result(record)
 
 
+class _Status(msgspec.Struct):
+    """The status alone of a stored job record (the rest is not decoded)."""
+
+    status: str
+
+
+_status_decoder = msgspec.msgpack.Decoder(_Status)
+_record_codec: Codec[JobRecord] = Codec(JobRecord)
+
+
 class SyncEnds:
     """The ends of this replica's /runsync jobs, over one subscription for its life.
 
-    A /runsync record names the replica (`notify`: its token); whoever makes the record
-    terminal also publishes the JobChanged on `rp.job.<token>.events`. So a /runsync costs
-    no subscribe/unsubscribe on the bus, and the replica hears nothing of the job until its
-    end. `expect` before the job is queued; `forget` when done waiting.
+    A /runsync job's id ends with the replica's token (`ids.new_job_id`), and KV rp-jobs
+    republishes every write of a record to a subject ending with the last part of the job id
+    (`subjects.gateway_job_records`). So the replica hears its jobs' records from the store
+    itself, whoever wrote them (agent, cancel, janitor): no subscribe/unsubscribe per request,
+    and the end does not wait for its writer to hear the store's ack and announce it.
+    `expect` before the job is queued; `forget` when done waiting.
     """
 
     def __init__(self, nc: Client, token: str) -> None:
@@ -90,7 +103,7 @@ class SyncEnds:
         self._sub: Subscription | None = None
 
     async def start(self) -> SyncEnds:
-        self._sub = await self.nc.subscribe(subjects.job_events(self.token), cb=self._on_event,
+        self._sub = await self.nc.subscribe(subjects.gateway_job_records(self.token), cb=self._on_record,
                                             pending_msgs_limit=65536)
         return self
 
@@ -112,13 +125,20 @@ class SyncEnds:
     def forget(self, job_id: str) -> None:
         self._waiting.pop(job_id, None)
 
-    async def _on_event(self, msg: Msg) -> None:
-        event = _decoded(msg)
-        if not isinstance(event, JobChanged) or not is_terminal(event.record.status):
+    async def _on_record(self, msg: Msg) -> None:
+        if msg.headers and "KV-Operation" in msg.headers:  # a delete or purge marker
             return
-        future = self._waiting.get(event.record.id)  # None: its wait already ran out
+        try:
+            if not is_terminal(_status_decoder.decode(msg.data).status):
+                return  # the record as submitted, or claimed: only the end is awaited
+            record = _record_codec.decode(msg.data)
+        except DecodeError as exc:
+            metrics.DROPPED.labels("job records").inc()
+            log.warning("dropped undecodable job record", subject=msg.subject, error=str(exc))
+            return
+        future = self._waiting.get(record.id)  # None: its wait already ran out
         if future is not None and not future.done():
-            future.set_result(event.record)
+            future.set_result(record)
 
 
 async def wait_for_end(future: asyncio.Future[JobRecord], timeout_s: float) -> JobRecord | None:

@@ -64,7 +64,8 @@ def _reads(channel: s.Channel) -> bool:
 def test_every_channel_read_by_a_service_is_fuzzed_here():
     """The channels fuzzed below are the contract's: a new channel must be added here."""
     fuzzed = {"job queue", "low-priority job queue", "job events", "job chunks", "job cancel",
-              "webhook due", "node commands", "worker logs", "job records", "endpoint specs",
+              "webhook due", "node commands", "worker logs", "job records", "job records of /runsync",
+              "endpoint specs",
               "node status", "leader leases", "scale targets", "placement status", "dead letters",
               "idempotent submits"}
     assert {c.name for c in s.REGISTRY if _reads(c)} == fuzzed
@@ -132,27 +133,44 @@ async def test_garbage_on_every_channel_is_counted_and_dropped(fuzz_cluster):
 
             # -- job events while a /runsync waits; then chunks of that job --
             runsync = asyncio.ensure_future(http.post(f"/v2/{ep}/runsync?wait=60000",
-                                                      json={"input": {"sleep": 2}}))
+                                                      json={"input": {"sleep": 4}}))
 
             async def sync_job() -> str | None:
                 keys = await jobs_kv.keys()
                 return next((k.split(".", 1)[1] for k in keys if k.startswith(f"{ep}.sync-")), None)
 
             job_id = await async_wait_until(sync_job, timeout_s=30, what="the /runsync job's record")
-            # The job's own subject, and the waiting gateway's (the record names it: `notify`).
-            token = RECORD.decode((await jobs_kv.get(s.job_key(ep, job_id))).value).notify
-            assert token is not None
+            # The waiting replica's records subject (the job id ends with its token): garbage,
+            # another job's terminal record and a delete marker, never this job's answer. (A
+            # record of the job that decodes is one only the store itself publishes there.)
+            token = job_id[-16:]
+            mine = f"rp.jobrec.{ep}.{job_id[:-16]}.{token}"
+            records = [data for name, data in garbage(_record(job_id, ep), other=queued, seed=8)
+                       if name not in ("map without its tag", "unknown tag")]  # both decode: no tag
+            for data in records:
+                await nc.publish(mine, data)
+            await nc.publish(mine, encode(_record("someone-else", ep)))
+            await nc.publish(mine, b"", headers={"KV-Operation": "DEL"})
+            # The job's own events subject, while a /status-sync long-poll waits on it.
+            status = asyncio.ensure_future(http.get(f"/v2/{ep}/status-sync/{job_id}?wait=60000"))
             events = garbage(JobChanged(record=_record(job_id, ep)), other=queued, seed=5)
-            for subject in (s.job_events(job_id), s.job_events(token)):
+            gw = cluster.metrics_url("gateway")
+            gw_dropped = "rp_gateway_dropped_messages_total"
+
+            async def events_dropped() -> bool:  # published again until the long-poll is listening
                 for _, data in events:
-                    await nc.publish(subject, data)
-                # Another job's terminal record: never this job's answer.
-                await nc.publish(subject, encode(JobChanged(record=_record("someone-else", ep))))
+                    await nc.publish(s.job_events(job_id), data)
+                await nc.publish(s.job_events(job_id), encode(JobChanged(record=_record("someone-else", ep))))
+                return await metric(http, gw, gw_dropped, subject="job events") >= len(events)
+
+            await async_wait_until(events_dropped, timeout_s=30, interval_s=0.2, what="event garbage dropped")
             resp = await runsync
             assert resp.status_code == 200, resp.text
             body = resp.json()
             assert body["id"] == job_id and body["status"] == "COMPLETED", body
-            assert body["output"]["echo"] == {"sleep": 2} and body["output"]["id"] == job_id
+            assert body["output"]["echo"] == {"sleep": 4} and body["output"]["id"] == job_id
+            polled = (await status).json()
+            assert polled["status"] == "COMPLETED" and polled["output"] == body["output"], polled
 
             chunk = StreamChunk(job_id=job_id, index=0, chunk_json=b'{"output": 1}')
             for _, data in garbage(chunk, other=queued, seed=6):
@@ -284,7 +302,6 @@ async def test_garbage_on_every_channel_is_counted_and_dropped(fuzz_cluster):
 
             # Counted by whoever dropped them.
             agent = cluster.metrics_url(NODE)
-            gw = cluster.metrics_url("gateway")
             dropped = "rp_bus_dropped_messages_total"
             assert await metric(http, agent, dropped, subject=s.node_cmd(NODE)) >= 17
             assert await metric(http, agent, dropped, subject=s.node_logs(NODE)) >= 15
@@ -293,10 +310,9 @@ async def test_garbage_on_every_channel_is_counted_and_dropped(fuzz_cluster):
             skipped = "rp_node_agent_jobs_skipped_total"
             assert await metric(http, agent, skipped, endpoint=ep, reason="undecodable") >= len(queue_garbage) + 3
             assert await metric(http, agent, skipped, endpoint=ep, reason="missing") >= 2
-            gw_dropped = "rp_gateway_dropped_messages_total"
-            # The garbage on the replica's own subject (another job's end there is no garbage:
+            # The garbage on the replica's records subject (another job's end there is no garbage:
             # the end of a /runsync whose wait ran out looks the same, and is let go quietly).
-            assert await metric(http, gw, gw_dropped, subject="job events") >= len(events)
+            assert await metric(http, gw, gw_dropped, subject="job records") >= len(records)
             assert await metric(http, gw, gw_dropped, subject=s.ALL_JOB_CHUNKS) >= 3
             assert await metric(http, gw, gw_dropped, subject=s.webhook_due(ep)) >= 10
             undecodable = "rp_bus_undecodable_values_total"

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
 import pytest
+from nats.aio.msg import Msg
 from runplane_bus import Bus, BusSettings, Conflict
+from runplane_bus.topology import ensure_job_records_republish
+from runplane_proto import subjects as s
+from runplane_proto.codec import Codec
+from runplane_proto.ids import new_gateway_token, new_job_id
 from runplane_proto.jobs import JobPolicy, JobRecord
+from runplane_testing.waiting import async_wait_until
 
 
 def _record(job_id: str = "j1", status: str = "IN_QUEUE") -> JobRecord:
@@ -86,3 +92,40 @@ async def test_mirror_follows_puts_and_deletes_and_heals_by_resync(nats_server):
     finally:
         await bus.close()
 
+
+
+async def test_job_records_republish_reaches_only_the_replica_named_by_the_job_id(nats_server):
+    """KV rp-jobs made without the republish (an older version) gets it from the gateway's
+    start check; then a replica's subject hears the writes of its own /runsync jobs only."""
+    bus = await Bus.connect(BusSettings(url=nats_server.url))
+    try:
+        stream = f"KV_{s.KV_JOBS}"
+        config = (await bus.js.stream_info(stream)).config
+        config.republish = None
+        await bus.js.update_stream(config)
+        assert (await bus.js.stream_info(stream)).config.republish is None
+        assert await ensure_job_records_republish(bus.js) is True
+        assert await ensure_job_records_republish(bus.js) is False  # already there: untouched
+
+        token = new_gateway_token()
+        heard: list[tuple[str, str]] = []
+
+        async def on_record(msg: Msg) -> None:
+            heard.append((msg.subject, Codec(JobRecord).decode(msg.data).id))
+
+        await bus.nc.subscribe(s.gateway_job_records(token), cb=on_record)
+        await bus.nc.flush()
+        others = [new_job_id(), new_job_id(sync=True), new_job_id(sync=True, gateway=new_gateway_token())]
+        mine = new_job_id(sync=True, gateway=token)
+        for job_id in (*others, mine):  # in this order: once mine is heard, the others would have been
+            await bus.jobs.create(s.job_key("ep1", job_id), _record(job_id))
+        await async_wait_until(lambda: _ready(heard), what="the replica's record")
+        assert heard == [(f"rp.jobrec.ep1.{mine[:-len(token)]}.{token}", mine)]
+        with pytest.raises(ValueError):
+            new_job_id(sync=True, gateway="gw-has-a-dash-x")
+    finally:
+        await bus.close()
+
+
+async def _ready(value):
+    return value

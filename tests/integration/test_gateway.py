@@ -290,26 +290,38 @@ async def test_runsync_fast_answers_the_result(stack: Stack) -> None:
     assert (await stack.record(ep, body["id"])).sync
 
 
-async def test_runsync_hears_the_end_on_its_gateways_own_subject(stack: Stack) -> None:
-    """The record names the waiting replica; the end is published on the job's subject and on
-    the replica's, and the answer comes from that event (the wait never runs out)."""
+async def test_runsync_hears_the_end_from_the_store_on_its_replicas_own_subject(stack: Stack) -> None:
+    """A /runsync job's id ends with the waiting replica's token; KV rp-jobs republishes each
+    write of the record to the replica's subject, so the answer comes from the stored end
+    even when its writer announces nothing (the wait never runs out), and another replica's
+    subject hears none of it."""
     ep = await stack.endpoint()
     agent = stack.agent(ep)
-    heard: list[tuple[str, str]] = []
-    codec: Codec[JobEvent] = Codec(JobEvent)
+    token = stack.gateway.sync_ends.token
+    mine: list[tuple[str, str]] = []
+    others: list[str] = []
+    codec: Codec[JobRecord] = Codec(JobRecord)
 
-    async def on_event(msg: Msg) -> None:
-        event = codec.decode(msg.data)
-        assert isinstance(event, JobChanged)
-        heard.append((msg.subject, event.record.status))
+    async def on_mine(msg: Msg) -> None:
+        mine.append((msg.subject, codec.decode(msg.data).status))
 
-    sub = await stack.bus.nc.subscribe(subjects.ALL_JOB_EVENTS, cb=on_event)
+    async def on_other(msg: Msg) -> None:
+        others.append(msg.subject)
+
+    sub = await stack.bus.nc.subscribe(subjects.gateway_job_records(token), cb=on_mine)
+    other = await stack.bus.nc.subscribe(subjects.gateway_job_records("gwsomeoneelse000"), cb=on_other)
     expired_before = gateway_metrics.RUNSYNC_WAITS_EXPIRED._value.get()
 
     async def work() -> str:
         queued, msg = await agent.take()
-        await agent.start(queued.job_id)
-        await agent.finish(queued.job_id, output_json=b"3")
+        key = subjects.job_key(ep, queued.job_id)
+        stored = await stack.bus.jobs.get(key)
+        assert stored is not None
+        stack.clock.advance(1.5)
+        # Written, never announced: no JobChanged anywhere.
+        await stack.bus.jobs.update(key, msgspec.structs.replace(
+            stored.value, status="COMPLETED", completed_at_ms=stack.clock.now_ms(), output_json=b"3"),
+            stored.revision)
         await msg.ack()
         return queued.job_id
 
@@ -318,13 +330,14 @@ async def test_runsync_hears_the_end_on_its_gateways_own_subject(stack: Stack) -
     job_id = await worker
     assert resp.json()["status"] == "COMPLETED" and resp.json()["output"] == 3
     assert gateway_metrics.RUNSYNC_WAITS_EXPIRED._value.get() == expired_before
-    token = stack.gateway.sync_ends.token
-    assert token.startswith("gw-") and (await stack.record(ep, job_id)).notify == token
-    await async_wait_until(lambda: _ready(len(heard) >= 3), what="three events")
+    assert len(token) == 16 and "-" not in token and job_id == resp.json()["id"]
+    assert job_id.startswith("sync-") and job_id.endswith("-" + token)
+    await async_wait_until(lambda: _ready(len(mine) >= 2), what="both writes republished")
     await sub.unsubscribe()
-    assert sorted(heard) == sorted([(subjects.job_events(job_id), "IN_PROGRESS"),
-                                    (subjects.job_events(job_id), "COMPLETED"),
-                                    (subjects.job_events(token), "COMPLETED")])
+    await other.unsubscribe()
+    head = job_id[:-len(token)]
+    assert mine == [(f"rp.jobrec.{ep}.{head}.{token}", "IN_QUEUE"), (f"rp.jobrec.{ep}.{head}.{token}", "COMPLETED")]
+    assert others == []
 
 
 async def test_runsync_slow_answers_the_id_when_the_wait_runs_out(stack: Stack) -> None:

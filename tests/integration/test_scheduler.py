@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from nats.aio.msg import Msg
 from runplane_bus import Bus, BusSettings
 from runplane_proto import subjects
 from runplane_proto.codec import Codec, encode
 from runplane_proto.endpoints import EndpointSpec
+from runplane_proto.ids import new_job_id
 from runplane_proto.jobs import CancelJob, JobChanged, JobEvent, JobPolicy, JobRecord, WebhookDue
 from runplane_proto.nodes import (
     CommandReply,
@@ -208,6 +210,9 @@ async def _placement_gone(bus: Bus) -> bool:
     return await bus.placement.get(subjects.placement_key("ep1")) is None
 
 
+WAITING = "gwwaitingreplica"  # a gateway replica's token
+
+
 def _record(job_id: str, status: str, **kw) -> JobRecord:
     base = {"submitted_at_ms": now_ms(), "policy": JobPolicy(execution_timeout_ms=60_000, ttl_ms=86_400_000)}
     base.update(kw)
@@ -226,17 +231,23 @@ async def test_janitor_times_out_expired_queued_jobs_and_deletes_old_records(nat
         async def on_cancel(cancel, _msg) -> None:
             cancels.append(cancel)
 
-        await bus.subscribe(subjects.job_events("q1"), Codec(JobEvent), on_event)
-        # q1 is a /runsync job: the replica waiting for it hears its end on its own subject.
-        await bus.subscribe(subjects.job_events("gw-waiting"), Codec(JobEvent), on_event)
+        # q1 is a /runsync job: the replica waiting for it hears its end from the store.
+        q1 = new_job_id(sync=True, gateway=WAITING)
+        republished: list[JobRecord] = []
+
+        async def on_record(msg: Msg) -> None:
+            republished.append(Codec(JobRecord).decode(msg.data))
+
+        await bus.subscribe(subjects.job_events(q1), Codec(JobEvent), on_event)
+        await bus.nc.subscribe(subjects.gateway_job_records(WAITING), cb=on_record)
         await bus.subscribe(subjects.job_cancel("ep1"), Codec(CancelJob), on_cancel)
         await bus.nc.flush()
         _, ref = await bus.payloads.save("old", "output", b'"' + b"x" * 300_000 + b'"')
         t = now_ms()
         short_ttl = JobPolicy(execution_timeout_ms=60_000, ttl_ms=1_000)
         records = {
-            "q1": _record("q1", "IN_QUEUE", submitted_at_ms=t - 5_000, policy=short_ttl, webhook="http://hook",
-                          sync=True, notify="gw-waiting"),
+            q1: _record(q1, "IN_QUEUE", submitted_at_ms=t - 5_000, policy=short_ttl, webhook="http://hook",
+                        sync=True),
             "q2": _record("q2", "IN_QUEUE"),
             "old": _record("old", "COMPLETED", completed_at_ms=t - 10_000, output_ref=ref),
             "new": _record("new", "COMPLETED", completed_at_ms=t),
@@ -251,7 +262,7 @@ async def test_janitor_times_out_expired_queued_jobs_and_deletes_old_records(nat
             return None if got is None else got.value.status
 
         async def swept() -> bool:
-            return (await state("q1") == "TIMED_OUT" and await state("old") is None
+            return (await state(q1) == "TIMED_OUT" and await state("old") is None
                     and await state("sync") is None)
 
         await async_wait_until(swept, what="the janitor's sweep")
@@ -259,13 +270,14 @@ async def test_janitor_times_out_expired_queued_jobs_and_deletes_old_records(nat
         assert await state("new") == "COMPLETED" and await state("async") == "FAILED"
         assert await bus.payloads.load(None, ref) is None
 
-        timed_out = (await bus.jobs.get(subjects.job_key("ep1", "q1"))).value
+        timed_out = (await bus.jobs.get(subjects.job_key("ep1", q1))).value
         assert "TTL of 1000 ms" in timed_out.error
-        await eventually(lambda: _ready(len(events) == 2 and cancels), what="events and cancel")
-        assert events[0].record == events[1].record == timed_out
-        assert cancels[0].job_id == "q1"
+        await eventually(lambda: _ready(len(events) == 1 and len(republished) == 2 and cancels),
+                         what="event, records and cancel")
+        assert events[0].record == republished[1] == timed_out and republished[0].status == "IN_QUEUE"
+        assert cancels[0].job_id == q1
         due = await bus.js.get_last_msg(subjects.STREAM_WEBHOOKS, subjects.webhook_due("ep1"))
-        assert Codec(WebhookDue).decode(due.data) == WebhookDue(job_id="q1", endpoint_id="ep1")
+        assert Codec(WebhookDue).decode(due.data) == WebhookDue(job_id=q1, endpoint_id="ep1")
 
 
 @pytest.mark.timeout(60)
