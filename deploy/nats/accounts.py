@@ -85,8 +85,6 @@ JETSTREAM: dict[str, tuple[Grant, ...]] = {
         Grant((f"{API}.CONSUMER.MSG.NEXT.{kv_stream(s.KV_JOBS)}.*",),
               "lists an endpoint's jobs page by page (a pull consumer of rp-jobs)"),
         Grant(tuple(read_messages(s.STREAM_CHUNKS)), "/stream reads a job's chunks by sequence"),
-        Grant((f"{API}.STREAM.UPDATE.{kv_stream(s.KV_JOBS)}",),
-              "adds the republish of job records (/runsync) to an rp-jobs made by an older version"),
         Grant((f"{API}.STREAM.MSG.DELETE.{s.STREAM_JOBS}",),
               "takes back the queued message of a submit whose record could not be written"),
         Grant(tuple(read_messages(s.STREAM_JOBS) + read_messages(s.STREAM_JOB_ENDS)),

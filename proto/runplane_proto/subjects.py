@@ -192,7 +192,7 @@ REGISTRY: tuple[Channel, ...] = (
             "Status changes (with the record) and stream-chunk notices; what `/status?wait=` and a "
             "repeated /runsync wait on."),
     Channel("job records of /runsync", "rp.jobrec.<endpoint>.<job head>.<gateway>",
-            f"core (republished by KV {KV_JOBS})", jobs.JobRecord, ("nats-server",), ("gateway",),
+            f"republish of KV {KV_JOBS} (core)", jobs.JobRecord, ("nats-server",), ("gateway",),
             f"Every write of a job record as stored, republished by the bucket's stream (`RePublish`: "
             f"headers, and the value unless it is a delete marker) to a subject that splits the job id "
             f"{GATEWAY_TOKEN_LEN} characters from its end. A /runsync job's id ends with the token of "

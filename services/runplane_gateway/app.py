@@ -50,7 +50,7 @@ class Gateway:
     app: Starlette
     keys: KeyRing
     running_workers: RunningWorkers
-    sync_ends: SyncEnds
+    sync_ends: SyncEnds | None
 
     @classmethod
     async def start(cls, bus: Bus, settings: GatewaySettings, *, clock: Clock | None = None,
@@ -64,9 +64,15 @@ class Gateway:
         workers = RunningWorkers(bus, now_ms=clock.now_ms, node_loss_timeout_s=settings.node_loss_timeout_s)
         limiter = RateLimiter(enabled=settings.rate_limits, running_workers=workers)
         idempotency = await Idempotency(bus, settings.idempotency_window_s, clock).start()
-        if await ensure_job_records_republish(bus.js):  # a bucket made by an older version
-            log.info("KV rp-jobs now republishes record writes (for /runsync)")
-        sync_ends = await SyncEnds(bus.nc, new_gateway_token()).start()
+        sync_ends: SyncEnds | None = None
+        try:
+            if await ensure_job_records_republish(bus.js):  # a bucket made by an older version
+                log.info("KV rp-jobs now republishes record writes (for /runsync)")
+            sync_ends = await SyncEnds(bus.nc, new_gateway_token()).start()
+        except Exception as exc:  # not allowed to change it (per-service NATS users)
+            log.error("KV rp-jobs (made by an older version) does not republish record writes and "
+                      "this gateway may not add that: /runsync waits with a subscription per request; "
+                      "start a gateway once as the NATS admin user to add it", error=repr(exc))
         client = ClientApi(bus, catalog, jobs, chunks, limiter, settings, clock, sync_ends=sync_ends,
                            idempotency=idempotency)
         management = ManagementApi(bus, catalog, jobs, settings, clock)
@@ -84,7 +90,8 @@ class Gateway:
         await self.catalog.stop()
         await self.keys.stop()
         await self.running_workers.stop()
-        await self.sync_ends.stop()
+        if self.sync_ends is not None:
+            await self.sync_ends.stop()
 
 
 def build_app(bus: Bus, settings: GatewaySettings, client: ClientApi, management: ManagementApi,

@@ -135,7 +135,7 @@ def _wait_ms(request: Request, default_ms: int) -> int:
 class ClientApi:
     def __init__(self, bus: Bus, catalog: EndpointCatalog, jobs: Jobs, chunks: ChunkReader,
                  limiter: RateLimiter, settings: GatewaySettings, clock: Clock, *,
-                 sync_ends: SyncEnds, idempotency: Idempotency | None = None) -> None:
+                 sync_ends: SyncEnds | None, idempotency: Idempotency | None = None) -> None:
         self.bus = bus
         self.catalog = catalog
         self.jobs = jobs
@@ -179,7 +179,7 @@ class ClientApi:
         with self.limiter.hold(spec.id, "runsync"):
             body = await read_body(request, self.settings.max_body_runsync_bytes, "runsync")
             sub = parse_submission(body, spec)
-            job_id = new_job_id(sync=True, gateway=self.sync_ends.token)
+            job_id = new_job_id(sync=True, gateway=self.sync_ends and self.sync_ends.token)
             claim = await self._claim(request, spec, body, sub, job_id, sync=True)
             if claim is not None and not claim.ours:
                 return await self._repeat_runsync(spec.id, claim, wait_ms)
@@ -286,6 +286,10 @@ class ClientApi:
     async def _submit_and_wait(self, spec: EndpointSpec, job_id: str, sub: Submission, claim: Claim | None,
                                wait_ms: int) -> JobRecord | None:
         """Queue a /runsync job and wait for its end: the terminal record, or None."""
+        if self.sync_ends is None:  # an rp-jobs without the republish: a subscription of its own
+            async with JobWaiter(self.bus.nc, job_id) as waiter:
+                await self._submit(spec, job_id, sub, sync=True, claim=claim)
+                return await waiter.wait(wait_ms / 1000)
         ending = self.sync_ends.expect(job_id)
         try:
             await self._submit(spec, job_id, sub, sync=True, claim=claim)

@@ -13,11 +13,15 @@ import sys
 import threading
 import time
 
+import httpx
 import nats
 import pytest
 
 from runplane_bus import Bus, BusSettings
+from runplane_gateway.app import Gateway
+from runplane_gateway.settings import GatewaySettings
 from runplane_proto import subjects as s
+from runplane_proto.ids import JOB_ID_SUFFIX
 from runplane_testing.natscluster import NATS_DIR, ROLES, NatsNode, new_passwords
 from runplane_testing.waiting import wait_until
 from tests.deploy.natsauth import AuthCluster
@@ -291,3 +295,43 @@ def test_the_gateway_may_take_back_a_queued_message_and_an_agent_may_not(secured
     assert not any('"RUNPLANE/user:gateway"' in line for line in violations), violations[-5:]
     assert any('"RUNPLANE/user:node-agent" - Publish Violation - Subject "$JS.API.STREAM.MSG.DELETE.JOBS"'
                in line for line in violations), violations[-5:]
+
+
+def test_a_gateway_that_may_not_add_the_republish_still_answers_runsync(secured, echo_endpoint):
+    """An rp-jobs made by an older version lacks the republish /runsync listens to; a gateway
+    logged in as its own user may not change the topology, so it waits with a subscription
+    per request (and says so) instead of hearing nothing. Runs last: it adds a violation."""
+    cluster, server = secured
+
+    async def attempt() -> dict:
+        admin = await nats.connect(server.url, user="admin", password=cluster.passwords["admin"])
+        js = admin.jetstream()
+        config = (await js.stream_info(f"KV_{s.KV_JOBS}")).config
+        republish, config.republish = config.republish, None
+        assert republish is not None
+        await js.update_stream(config)  # as an older version made it
+        try:
+            bus = await Bus.connect(BusSettings(url=server.url, name="test-gateway", user="gateway",
+                                                password=cluster.passwords["gateway"],
+                                                inbox_prefix="_INBOX.gateway"))
+            gateway = await Gateway.start(bus, GatewaySettings(api_key="rp_fallback_key"), webhooks=False)
+            try:
+                assert gateway.sync_ends is None
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app),
+                                             base_url="http://gateway", timeout=60) as client:
+                    resp = await client.post(f"/v2/{echo_endpoint}/runsync?wait=30000", json={"input": {"text": "fb"}},
+                                             headers={"Authorization": "Bearer rp_fallback_key"})
+                return resp.json()
+            finally:
+                await gateway.stop()
+                await bus.close()
+        finally:
+            config.republish = republish
+            await js.update_stream(config)
+            await admin.close()
+
+    body = asyncio.run(attempt())
+    assert body["status"] == "COMPLETED" and body["output"]["upper"] == "FB", body
+    assert body["id"].startswith("sync-") and body["id"].endswith(JOB_ID_SUFFIX)
+    assert any('"RUNPLANE/user:gateway" - Publish Violation - Subject "$JS.API.STREAM.UPDATE.KV_rp-jobs"'
+               in line for line in server.violations())
