@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -26,13 +27,16 @@ def wait_until(check: Callable[[], T], timeout_s: float = 10.0, interval_s: floa
         time.sleep(interval_s)
 
 
-async def async_wait_until(check: Callable[[], Awaitable[T]], timeout_s: float = 10.0,
+async def async_wait_until(check: Callable[[], Awaitable[T] | T], timeout_s: float = 10.0,
                            interval_s: float = 0.05, what: str = "condition") -> T:
+    """Like wait_until inside a loop; `check` may be a coroutine function or a plain one."""
     deadline = time.monotonic() + timeout_s
     last_exc: Exception | None = None
     while True:
         try:
-            value = await check()
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
             if value:
                 return value
         except Exception as exc:

@@ -67,7 +67,7 @@ async def queue_jobs(bus: Bus, endpoint_id: str, n: int, *, low_priority: bool =
 async def rounds(scaler: Autoscaler, n: int) -> None:
     """Wait until the autoscaler ran `n` more rounds."""
     ticks = scaler.ticks
-    await async_wait_until(lambda: _async(scaler.ticks >= ticks + n), what=f"{n} more rounds")
+    await async_wait_until(lambda: (scaler.ticks >= ticks + n), what=f"{n} more rounds")
 
 
 def gauges(endpoint_id: str) -> dict[str, float | None]:
@@ -102,7 +102,7 @@ async def test_queued_jobs_scale_from_zero_and_idle_brings_it_back(nats_server):
                                                stream=subjects.STREAM_JOBS)
         msgs = await sub.fetch(3, timeout=5)
         ticks = scaler.ticks
-        await async_wait_until(lambda: _async(scaler.ticks >= ticks + 3), what="3 more rounds")
+        await async_wait_until(lambda: (scaler.ticks >= ticks + 3), what="3 more rounds")
         assert (await bus.scale.get("ep1")).value.desired_workers == 3
 
         for msg in msgs:
@@ -244,10 +244,6 @@ async def test_the_service_process_serves_metrics_and_writes_targets(nats_server
         _, err = proc.communicate(timeout=15)
         await bus.close()
     assert proc.returncode == 0, err.decode()[-3000:]
-
-
-async def _async(value):
-    return value
 
 
 async def test_consumers_are_read_in_pages_and_every_endpoint_is_sampled(nats_server):

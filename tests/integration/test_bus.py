@@ -119,13 +119,9 @@ async def test_job_records_republish_reaches_only_the_replica_named_by_the_job_i
         mine = new_job_id(sync=True, gateway=token)
         for job_id in (*others, mine):  # in this order: once mine is heard, the others would have been
             await bus.jobs.create(s.job_key("ep1", job_id), _record(job_id))
-        await async_wait_until(lambda: _ready(heard), what="the replica's record")
+        await async_wait_until(lambda: (heard), what="the replica's record")
         assert heard == [(f"rp.jobrec.ep1.{mine[:-len(token)]}.{token}", mine)]
         with pytest.raises(ValueError):
             new_job_id(sync=True, gateway="gw-has-a-dash-x")
     finally:
         await bus.close()
-
-
-async def _ready(value):
-    return value

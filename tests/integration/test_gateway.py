@@ -332,7 +332,7 @@ async def test_runsync_hears_the_end_from_the_store_on_its_replicas_own_subject(
     assert gateway_metrics.RUNSYNC_WAITS_EXPIRED._value.get() == expired_before
     assert len(token) == 16 and "-" not in token and job_id == resp.json()["id"]
     assert job_id.startswith("sync-") and job_id.endswith("-" + token)
-    await async_wait_until(lambda: _ready(len(mine) >= 2), what="both writes republished")
+    await async_wait_until(lambda: (len(mine) >= 2), what="both writes republished")
     await sub.unsubscribe()
     await other.unsubscribe()
     head = job_id[:-len(token)]
@@ -384,7 +384,7 @@ async def test_status_sync_waits_for_the_end(stack: Stack) -> None:
     poll = asyncio.ensure_future(stack.http.get(f"/v2/{ep}/status-sync/{job_id}?wait=30000"))
     # The gateway shares this connection: wait until it follows the job's events.
     events = subjects.job_events(job_id)
-    await async_wait_until(lambda: _ready(any(sub.subject == events for sub in stack.bus.nc._subs.values())),
+    await async_wait_until(lambda: (any(sub.subject == events for sub in stack.bus.nc._subs.values())),
                            what="status-sync waiting")
     await agent.finish(job_id, output_json=b"7")
     body = (await poll).json()
@@ -457,7 +457,7 @@ async def test_cancel(stack: Stack) -> None:
     assert resp.status_code == 200 and resp.json() == {"id": job_id, "status": "CANCELLED"}
     record = await stack.record(ep, job_id)
     assert record.status == "CANCELLED" and record.completed_at_ms is not None
-    await async_wait_until(lambda: _ready(cancels and any(
+    await async_wait_until(lambda: (cancels and any(
         isinstance(e, JobChanged) and e.record.status == "CANCELLED" for e in events)), what="cancel published")
     assert cancels[0].job_id == job_id and cancels[0].endpoint_id == ep
     # A finished job keeps its state.
@@ -622,14 +622,14 @@ async def test_webhook_is_delivered_with_a_retry(stack: Stack) -> None:
         await agent.start(job_id)
         await agent.finish(job_id, output_json=b'{"ok": true}')
         await stack.bus.publish_durable(subjects.webhook_due(ep), WebhookDue(job_id=job_id, endpoint_id=ep))
-        await async_wait_until(lambda: _ready(len(received) == 2), what="webhook retried")
+        await async_wait_until(lambda: (len(received) == 2), what="webhook retried")
         assert received[0] == received[1] == {"id": job_id, "status": "COMPLETED", "delayTime": 250,
                                               "executionTime": 1500, "output": {"ok": True}, "workerId": "w1",
                                               "timings": _timings(250, 1500)}
         # A job the gateway ends (cancel) gets its webhook from the gateway.
         cancelled = await stack.run(ep, {"input": 1, "webhook": url})
         await stack.http.post(f"/v2/{ep}/cancel/{cancelled}")
-        await async_wait_until(lambda: _ready(len(received) == 3), what="cancel webhook")
+        await async_wait_until(lambda: (len(received) == 3), what="cancel webhook")
         assert received[2] == {"id": cancelled, "status": "CANCELLED", "timings": {"totalMs": 0, "queuedMs": 0}}
         await async_wait_until(lambda: _consumer_idle(stack), what="webhook messages acked")
     finally:
@@ -646,9 +646,6 @@ def _collect(into: list, codec: Codec):
         into.append(codec.decode(msg.data))
     return cb
 
-
-async def _ready(value: object) -> object:
-    return value
 
 def _timings(delay_ms: int, handler_ms: int) -> dict:
     """/status `timings` of a job this test's stand-in agent ran (it notes no start kind)."""

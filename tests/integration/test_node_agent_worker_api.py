@@ -81,12 +81,8 @@ async def hand_worker(bus, agent, endpoint_id: str | None = None) -> HandWorker:
     spec = EndpointSpec(id=endpoint_id, name=endpoint_id, env={"RP_NATS_URL": "nats://leak", "MY_VAR": "1"},
                         command=[sys.executable, "-c", "import time; time.sleep(600)"])
     worker_id = await start_worker(bus, agent.settings.node_id, spec, ready=False)
-    pid = await async_wait_until(lambda: _async(worker_pid(worker_id)), what="worker process")
+    pid = await async_wait_until(lambda: (worker_pid(worker_id)), what="worker process")
     return HandWorker(worker_id, worker_environ(pid))
-
-
-async def _async(value):
-    return value
 
 
 async def test_worker_env_follows_the_runpod_contract(bus, agent):
@@ -147,7 +143,7 @@ async def test_take_hands_over_input_and_extra_keys(bus, agent, http):
     record = await wait_record(bus, ep, job_id, "IN_PROGRESS")
     assert record.worker_id == worker.worker_id and record.node_id == agent.settings.node_id
     assert record.attempts == 1 and record.started_at_ms
-    await async_wait_until(lambda: _async(any(isinstance(e, JobChanged) for e in events)))
+    await async_wait_until(lambda: (any(isinstance(e, JobChanged) for e in events)))
     assert events[0].record.status == "IN_PROGRESS"
     await worker.done(http, job_id, {"output": "ok"})
     await wait_record(bus, ep, job_id, "COMPLETED")
@@ -219,7 +215,7 @@ async def test_stream_chunks_are_stored_in_order_and_announced(bus, agent, http)
     chunks = await read_chunks(bus, job_id, 3)
     assert [c.index for c in chunks] == [0, 1, 2]
     assert [msgspec.json.decode(c.chunk_json) for c in chunks] == [{"output": {"i": i}} for i in range(3)]
-    await async_wait_until(lambda: _async(any(isinstance(e, JobChanged) and e.record.status == "COMPLETED"
+    await async_wait_until(lambda: (any(isinstance(e, JobChanged) and e.record.status == "COMPLETED"
                                               for e in events)))
     assert [e.index for e in events if isinstance(e, ChunkAdded)] == [0, 1, 2]
 
@@ -279,7 +275,7 @@ async def test_worker_that_keeps_a_stopped_job_is_recycled_after_the_grace(bus, 
     await wait_record(bus, ep, job_id, "IN_PROGRESS")
     await cancel_like_the_gateway(bus, ep, job_id)
     # The placeholder never lets go: after RP_STOP_GRACE_S it is replaced by a fresh process.
-    new_pid = await async_wait_until(lambda: _async(_other_pid(worker.worker_id, old_pid)), timeout_s=20,
+    new_pid = await async_wait_until(lambda: (_other_pid(worker.worker_id, old_pid)), timeout_s=20,
                                      what="recycled worker")
     assert worker_environ(new_pid)["RUNPOD_AI_API_KEY"] != worker.key
     await async_wait_until(lambda: consumer_settled(bus, ep), what="message acked")
@@ -324,7 +320,7 @@ async def test_unhealthy_ping_recycles_the_worker(bus, agent, http):
     response = await http.get(worker.ping_url() + "&status=unhealthy&check=disk&reason=full",
                               headers=worker.auth)
     assert response.status_code == 200
-    await async_wait_until(lambda: _async(_other_pid(worker.worker_id, old_pid)), timeout_s=20,
+    await async_wait_until(lambda: (_other_pid(worker.worker_id, old_pid)), timeout_s=20,
                            what="recycled worker")
 
 
@@ -420,7 +416,7 @@ async def test_results_right_after_the_take_end_the_job_with_its_attempt_counted
         record = await wait_record(bus, ep, job_id, "COMPLETED")
         assert output_of(record) == n and record.attempts == 1 and record.worker_id == worker.worker_id
         assert record.started_at_ms is not None and record.completed_at_ms >= record.started_at_ms
-        await async_wait_until(lambda: _async(any(e.record.status == "COMPLETED" for e in events)),
+        await async_wait_until(lambda: (any(e.record.status == "COMPLETED" for e in events)),
                                what="the end announced")
         statuses = [e.record.status for e in events]
         assert statuses in (["COMPLETED"], ["IN_PROGRESS", "COMPLETED"]), statuses
