@@ -169,7 +169,6 @@ class ClientApi:
             claim = await self._claim(request, spec, body, sub, job_id, sync=False)
             if claim is not None and not claim.ours:
                 return await self._repeat_run(spec.id, claim)
-            await self._check_queue_cap(spec.id, claim)
             record = await self._submit(spec, job_id, sub, sync=False, claim=claim)
         return json_response(encoder.encode(JobRef(id=record.id, status=record.status)))
 
@@ -183,7 +182,6 @@ class ClientApi:
             claim = await self._claim(request, spec, body, sub, job_id, sync=True)
             if claim is not None and not claim.ours:
                 return await self._repeat_runsync(spec.id, claim, wait_ms)
-            await self._check_queue_cap(spec.id, claim)
             done = await self._submit_and_wait(spec, job_id, sub, claim, wait_ms)
             if done is not None:
                 return json_response(await self.jobs.view(done))
@@ -263,24 +261,18 @@ class ClientApi:
         return await self.idempotency.claim(spec.id, scope, key, digest=body_digest(body), job_id=job_id,
                                             sync=sync)
 
-    async def _check_queue_cap(self, endpoint_id: str, claim: Claim | None) -> None:
-        """429 when the queue is full, checked after the idempotency key: a repeat queues
-        nothing and is answered even then; a new key's entry is let go with the refusal."""
-        try:
-            await self.jobs.check_queue_cap(endpoint_id)
-        except ApiError:
-            if claim is not None and self.idempotency is not None:
-                await self.idempotency.release(claim)
-            raise
-
     async def _submit(self, spec: EndpointSpec, job_id: str, sub: Submission, *, sync: bool,
                       claim: Claim | None) -> JobRecord:
+        """Queue the job: 429 when the queue is full (checked after the idempotency key, so a
+        repeat, which queues nothing, is answered even then); a key's entry is let go when
+        nothing was queued, so a repeat may try again."""
         try:
+            await self.jobs.check_queue_cap(spec.id)
             return await self.jobs.submit(spec, job_id, input_raw=sub.input_raw, sync=sync, policy=sub.policy,
                                           webhook=sub.webhook, extra_json=sub.extra_json)
         except BaseException:
             if claim is not None and self.idempotency is not None:
-                await self.idempotency.release(claim)  # nothing was queued: a repeat may try again
+                await self.idempotency.release(claim)
             raise
 
     async def _submit_and_wait(self, spec: EndpointSpec, job_id: str, sub: Submission, claim: Claim | None,
