@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.host import HostShare
+
 BENCHES = {"dispatch": "bench.dispatch", "scale": "bench.scale", "coldstart": "bench.coldstart",
            "chaos": "bench.chaos", "overload": "bench.overload", "contention": "bench.contention"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,8 +29,11 @@ def main() -> int:
     for name in names:
         started = time.monotonic()
         module = importlib.import_module(BENCHES[name])
-        result = module.run(quick=args.quick)
+        with HostShare() as host:
+            result = module.run(quick=args.quick)
         figures.update(result)
+        figures[f"{name}_host_steal_pct"] = round(host.steal_pct, 1)
+        figures[f"{name}_host_other_cpu_pct"] = round(host.other_pct, 1)
         print(f"[{name}] done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
