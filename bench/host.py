@@ -23,8 +23,9 @@ def _machine() -> tuple[float, float]:
 
 
 def _ours() -> float:
-    """CPU seconds of this process and of its children waited for (a benchmark waits for
-    every process it starts)."""
+    """CPU seconds of this process and of its children waited for: the services a benchmark
+    starts and their worker processes. A Docker container's processes are the engine's
+    children, so what containers burn counts as another's (coldstart's Docker part)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 
