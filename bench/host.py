@@ -3,7 +3,9 @@ much went to processes that are not the benchmark's, over the benchmark's run.
 
 Figures are ratios to floors measured in the same run, but a chain of many process hops
 suffers more from a vCPU taken away than its floor of two: these two figures tell a run
-on a disturbed machine from a run of slower code.
+on a disturbed machine from a run of slower code. Only partly: a neighbour on the same
+physical core slows this VM without any steal it can see, so the floors of the same run
+still say best how fast the machine was.
 """
 
 from __future__ import annotations
