@@ -72,7 +72,9 @@ class HeldJob:
     __slots__ = (
         "chunks",
         "claim",
+        "claim_wanted",
         "deadline",
+        "deferred",
         "done",
         "endpoint_id",
         "finishing",
@@ -107,6 +109,11 @@ class HeldJob:
         self.taken_at = now
         # The worker's result is in: a claim not yet written goes into the terminal write.
         self.finishing = False
+        # A first attempt's claim write waiting out RP_CLAIM_DELAY_MS (Jobs._defer_claim):
+        # the timer that starts it, and the revision it will compare against.
+        self.deferred: tuple[asyncio.TimerHandle, int] | None = None
+        # Something awaits the claim (Jobs.claimed): it is not deferred any more.
+        self.claim_wanted = False
         # Where this attempt's time went so far (runplane_proto.timings); goes out with the
         # claim write and, completed, with the terminal write.
         self.timings = record.timings

@@ -230,8 +230,8 @@ class Jobs:
         held.payload = job_payload(claimed, input_json)
         self._hold(held)
         # The hand-over does not wait for the claim write: everything that touches the
-        # record later awaits `held.claim` first, and a lost claim becomes a stop.
-        self.spawn(self._write_claim(held, revision, queued))
+        # record later awaits `self.claimed(held)` first, and a lost claim becomes a stop.
+        self.spawn(self._write_claim(held, revision, queued, first=_first_delivery(msg)))
         metrics.taken(ep).inc()
         return held
 
@@ -252,7 +252,8 @@ class Jobs:
                 return current
         return None
 
-    async def _write_claim(self, held: HeldJob, revision: int | None, queued: JobQueued) -> None:
+    async def _write_claim(self, held: HeldJob, revision: int | None, queued: JobQueued, *,
+                           first: bool = False) -> None:
         current = None
         # The worker already has the job: a claim given up on NATS trouble (a stream electing
         # a leader after a server died) means an execution no attempt counts, and an
@@ -269,12 +270,55 @@ class Jobs:
                 if current is not None and current.value.status == "IN_QUEUE":
                     revision = current.revision
                     held.record = self._claimed_again(held, current.value)
-                    if held.finishing:
-                        # The result came first (a quick handler): the claim is not written on
-                        # its own; the terminal write, from this revision, carries the attempt.
-                        held.revision = revision
-                        held.claim.set_result(True)
-                        return
+            if revision is not None and held.finishing:
+                # The result came first (a quick handler): the claim is not written on its
+                # own; the terminal write, from this revision, carries the attempt.
+                held.revision = revision
+                held.claim.set_result(True)
+                return
+            if revision is not None and first and self._defer_claim(held, revision):
+                return
+        except Exception as exc:
+            log.warning("claim write failed", job_id=held.job_id, error=repr(exc))
+            held.release = "nak"
+            self._claim_lost(held, "claim failed")
+            return
+        await self._write_claim_now(held, revision, current)
+
+    def _defer_claim(self, held: HeldJob, revision: int) -> bool:
+        """A first attempt's claim waits until RP_CLAIM_DELAY_MS after its hand-over: a job
+        that ends before is written once, by its terminal write (`_finish` folds the claim
+        in), which halves the record writes and events of short jobs. Anything else that
+        needs the claim (progress, a chunk, a stop, a lost worker) writes it at once
+        (`claimed`). Until then the record reads IN_QUEUE and an agent lost meanwhile leaves
+        the attempt uncounted, as one lost before any claim write lands."""
+        delay_s = held.taken_at + self.settings.claim_delay_ms / 1000 - time.monotonic()
+        if delay_s <= 0 or held.claim_wanted or held.stop_reason or self.draining:
+            return False
+
+        def start() -> None:
+            held.deferred = None
+            self.spawn(self._write_claim_now(held, revision, None))
+
+        held.deferred = (asyncio.get_running_loop().call_later(delay_s, start), revision)
+        return True
+
+    async def claimed(self, held: HeldJob) -> bool:
+        """Whether the job's claim is ours (written, or to be carried by the terminal write);
+        a claim still deferred is written now."""
+        held.claim_wanted = True
+        if held.deferred is not None:
+            timer, revision = held.deferred
+            timer.cancel()
+            held.deferred = None
+            self.spawn(self._write_claim_now(held, revision, None))
+        return await held.claim
+
+    async def _write_claim_now(self, held: HeldJob, revision: int | None,
+                               current: Versioned[JobRecord] | None) -> None:
+        """The claim's compare-and-set from `revision`, re-read and retried on conflicts while
+        the stored record is still queued."""
+        try:
             for _ in range(5 if revision is not None else 0):
                 try:
                     held.revision = await self.records.update(held.key, held.record, revision)
@@ -303,6 +347,9 @@ class Jobs:
         except Exception as exc:
             log.warning("claim write failed", job_id=held.job_id, error=repr(exc))
             held.release, reason = "nak", "claim failed"
+        self._claim_lost(held, reason)
+
+    def _claim_lost(self, held: HeldJob, reason: str) -> None:
         if not held.claim.done():
             held.claim.set_result(False)
         self.stops.offer(held, reason)
@@ -341,7 +388,7 @@ class Jobs:
             await self._finish(held, f"the worker's result was over the {limit} limit of job-done", b"")
 
     async def _progress(self, held: HeldJob, output: bytes) -> None:
-        if not await held.claim:
+        if not await self.claimed(held):
             return
         async with held.lock:
             if held.done or held.stop_reason:
@@ -355,6 +402,11 @@ class Jobs:
     async def _finish(self, held: HeldJob, error: str | None, output: bytes) -> None:
         done_ms = self.clock.now_ms()  # job-done received: the handler's end
         held.finishing = True
+        if held.deferred is not None:  # ended within the claim delay: the terminal write claims
+            timer, held.revision = held.deferred
+            timer.cancel()
+            held.deferred = None
+            held.claim.set_result(True)
         if await held.claim:
             async with held.lock:
                 if held.done:
@@ -387,7 +439,7 @@ class Jobs:
             OBJECT_DECODER.decode(body)
         except DecodeError:
             return 400
-        if not await held.claim:
+        if not await self.claimed(held):
             return 200
         async with held.lock:
             if held.done or held.stop_reason:
@@ -432,7 +484,7 @@ class Jobs:
                 await self._requeue_or_fail(held, why)
 
     async def _requeue_or_fail(self, held: HeldJob, why: str) -> None:
-        if not await held.claim:
+        if not await self.claimed(held):
             await self._release(held, held.release)
             return
         async with held.lock:
@@ -465,7 +517,7 @@ class Jobs:
     async def give_back(self, taken: list[HeldJob]) -> None:
         """Jobs claimed for a poll that can no longer take them: back to the queue, the take undone."""
         for held in taken:
-            if not await held.claim:
+            if not await self.claimed(held):
                 await self._release(held, held.release)
                 continue
             async with held.lock:
@@ -482,7 +534,7 @@ class Jobs:
 
     async def let_go(self, held: HeldJob) -> None:
         """A stopped job the worker no longer holds: its record is final (or someone else's)."""
-        await held.claim
+        await self.claimed(held)
         async with held.lock:
             if held.done:
                 return
@@ -569,6 +621,13 @@ def _as_sent(queued: JobQueued, msg: Msg, endpoint_id: str, *, now_ms: int, max_
     if transitions.verdict(record, now_ms=now_ms, max_attempts=max_attempts) is not transitions.Verdict.RUN:
         return None
     return record
+
+
+def _first_delivery(msg: Msg) -> bool:
+    try:
+        return msg.metadata.num_delivered == 1
+    except Exception:  # not a JetStream delivery
+        return False
 
 
 def _with_timings(record: JobRecord | None, timings: JobTimings | None) -> JobRecord | None:

@@ -35,6 +35,9 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     # A first delivery this soon after its submit goes to a worker on the record its queue
     # message carries, before the stored record is read (0: always read it first).
     as_sent_window_ms: int = 50
+    # A first attempt's claim (IN_PROGRESS) is written this long after its hand-over; a job
+    # that ends sooner is stored once, its attempt carried by the terminal write (0: at once).
+    claim_delay_ms: int = 20
     heartbeat_s: float = 1.0
     worker_ping_interval_ms: int = 5000
     worker_ping_timeout_s: float = 15.0
@@ -94,6 +97,7 @@ def from_env() -> AgentSettings:
         ack_wait_s=env_float("RP_ACK_WAIT_S", 30.0),
         max_attempts=env_int("RP_MAX_ATTEMPTS", 3),
         as_sent_window_ms=env_int("RP_AS_SENT_WINDOW_MS", 50),
+        claim_delay_ms=env_int("RP_CLAIM_DELAY_MS", 20),
         heartbeat_s=env_float("RP_HEARTBEAT_S", 1.0),
         worker_ping_interval_ms=ping_interval_ms,
         worker_ping_timeout_s=env_float("RP_WORKER_PING_TIMEOUT_S", 3 * ping_interval_ms / 1000),

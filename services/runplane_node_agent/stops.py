@@ -104,7 +104,7 @@ class Stops:
             self.jobs.spawn(keep_alive(due))
 
     async def _record_timeout(self, held: HeldJob) -> None:
-        if not await held.claim:
+        if not await self.jobs.claimed(held):
             return
         async with held.lock:
             if held.done:

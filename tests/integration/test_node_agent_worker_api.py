@@ -348,7 +348,7 @@ async def _queue_with_record(bus, ep: str, job_input: object, *, stored_status: 
     return job_id
 
 
-async def _stops(worker: HandWorker, http: httpx.AsyncClient) -> list[str]:
+async def stops_offered(worker: HandWorker, http: httpx.AsyncClient) -> list[str]:
     stop = await http.get(worker.take_url.replace("/job-take/", "/job-stop/"), headers=worker.auth)
     return stop.json()["jobsToStop"] if stop.status_code == 200 else []
 
@@ -361,7 +361,7 @@ async def test_a_job_cancelled_before_its_claim_is_stopped_and_stays_cancelled(b
     job_id = await _queue_with_record(bus, ep, {"n": 1}, stored_status="CANCELLED")
     taken = await worker.take(http)
     assert taken.status_code == 200 and taken.json() == {"id": job_id, "input": {"n": 1}, "attempt": 1}
-    assert await async_wait_until(lambda: _stops(worker, http), timeout_s=10, what="a stop") == [job_id]
+    assert await async_wait_until(lambda: stops_offered(worker, http), timeout_s=10, what="a stop") == [job_id]
     # A result sent anyway lets the job go and changes nothing.
     assert (await worker.done(http, job_id, {"output": "late"})).status_code == 200
     await async_wait_until(lambda: consumer_settled(bus, ep), timeout_s=20, what="message acked")
@@ -379,7 +379,7 @@ async def test_a_job_whose_record_is_not_stored_yet_runs_once_it_is(bus, agent, 
     job_id = await _queue_with_record(bus, ep, {"n": 2}, stored_status=None)
     first = await worker.take(http)
     assert first.status_code == 200 and first.json()["id"] == job_id
-    assert await async_wait_until(lambda: _stops(worker, http), timeout_s=10, what="a stop") == [job_id]
+    assert await async_wait_until(lambda: stops_offered(worker, http), timeout_s=10, what="a stop") == [job_id]
     assert await record_of(bus, ep, job_id) is None
     now_ms = int(time.time() * 1000)
     await bus.jobs.create(s.job_key(ep, job_id), JobRecord(
