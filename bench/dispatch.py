@@ -22,7 +22,7 @@ from bench.floors import http_floor_call, http_floor_server, jetstream_floor_job
 from bench.stats import percentile
 from runplane_proto import subjects
 from runplane_proto.codec import Codec
-from runplane_proto.jobs import JobChanged, JobEvent
+from runplane_proto.jobs import JobEnded
 from runplane_testing.cluster import Cluster, python_command
 
 PAYLOAD = json.dumps({"input": {"prompt": "x" * 900, "n": 1}}).encode()
@@ -66,8 +66,8 @@ def _runsync_and_floor_ms(cluster: Cluster, endpoint_id: str,
 
 def _throughput(cluster: Cluster, endpoint_id: str, count: int) -> float:
     """Submit `count` /run requests from THROUGHPUT_CONCURRENCY connections (aiohttp: a Python
-    load generator that is not itself the bottleneck) and count them to completion by their
-    terminal events on the bus (polling /health would itself load the system)."""
+    load generator that is not itself the bottleneck) and count them to completion by the
+    ends the agents count on the bus (polling /health would itself load the system)."""
     headers = {"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"}
     url = f"{cluster.gateway_url}/v2/{endpoint_id}/run"
     assert cluster.nats is not None
@@ -75,19 +75,18 @@ def _throughput(cluster: Cluster, endpoint_id: str, count: int) -> float:
 
     async def measure() -> float:
         nc = await nats.connect(nats_url)
-        codec: Codec[JobEvent] = Codec(JobEvent)
+        ends: Codec[JobEnded] = Codec(JobEnded)
         completed: set[str] = set()
         all_done = asyncio.Event()
 
-        async def on_event(msg: Msg) -> None:
-            event = codec.decode(msg.data)
-            if isinstance(event, JobChanged) and event.record.status == "COMPLETED" \
-                    and event.record.endpoint_id == endpoint_id:
-                completed.add(event.record.id)
-                if len(completed) >= count:
-                    all_done.set()
+        async def on_end(msg: Msg) -> None:
+            completed.add(ends.decode(msg.data).job_id)
+            if len(completed) >= count:
+                all_done.set()
 
-        await nc.subscribe(subjects.ALL_JOB_EVENTS, cb=on_event)
+        # The agents count each job's end on rp.jobends (what /health reads): a small message
+        # per job, where the job's events carry its whole record to decode.
+        await nc.subscribe(subjects.job_ended(endpoint_id, "completed"), cb=on_end)
         await nc.flush()
         ids: list[str] = []
         started = time.perf_counter()
