@@ -287,8 +287,9 @@ class Jobs:
 
     def _defer_claim(self, held: HeldJob, revision: int) -> bool:
         """A first attempt's claim waits until RP_CLAIM_DELAY_MS after its hand-over: a job
-        that ends before is written once, by its terminal write (`_finish` folds the claim
-        in), which halves the record writes and events of short jobs. Anything else that
+        that ends before is stored twice (queued, ended) instead of three times, with one
+        event instead of two: the terminal write carries the attempt (`_finish` folds the
+        claim in). Anything else that
         needs the claim (progress, a chunk, a stop, a lost worker) writes it at once
         (`claimed`). Until then the record reads IN_QUEUE and an agent lost meanwhile leaves
         the attempt uncounted, as one lost before any claim write lands."""
