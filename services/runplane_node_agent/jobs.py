@@ -289,10 +289,10 @@ class Jobs:
         """A first attempt's claim waits until RP_CLAIM_DELAY_MS after its hand-over: a job
         that ends before is stored twice (queued, ended) instead of three times, with one
         event instead of two: the terminal write carries the attempt (`_finish` folds the
-        claim in). Anything else that
-        needs the claim (progress, a chunk, a stop, a lost worker) writes it at once
-        (`claimed`). Until then the record reads IN_QUEUE and an agent lost meanwhile leaves
-        the attempt uncounted, as one lost before any claim write lands."""
+        claim in). Anything else that needs the claim (progress, a chunk, a stop, a lost
+        worker) writes it at once (`claimed`). Until then the record reads IN_QUEUE and an
+        agent lost meanwhile leaves the attempt uncounted, as one lost before any claim write
+        lands."""
         delay_s = held.taken_at + self.settings.claim_delay_ms / 1000 - time.monotonic()
         if delay_s <= 0 or held.claim_wanted or held.stop_reason or self.draining:
             return False
