@@ -282,6 +282,7 @@ def figures(result: CampaignResult) -> dict[str, float]:
         "unexplained executions": len(r.unexplained_executions),
         "refused but left queued": len(r.refused_left_queued),
         "streams read to the end missing chunks": len(r.streams_short),
+        "cancelled before their claim": len(r.cancelled_before_claim),
     }
     for name, n in sorted(r.failed_by_cause.items()):
         out[f"failed: {name}"] = n

@@ -66,6 +66,16 @@ def test_failures_need_a_reason_and_executions_need_attempts():
     assert report.executed_twice == 1
 
 
+def test_only_a_cancel_before_the_claim_explains_an_uncounted_execution():
+    accepted = {"a": _sub("a", "t1", cancel_requested=True), "b": _sub("b", "t2", cancel_requested=True),
+                "c": _sub("c", "t3")}
+    records = {"a": _final("a", "t1", "CANCELLED", attempts=0), "b": _final("b", "t2", "CANCELLED", attempts=0),
+               "c": _final("c", "t3", attempts=0)}
+    report = account(accepted, set(), records, Counter({"a": 1, "b": 2, "c": 1}), [])
+    assert report.cancelled_before_claim == ["a"]
+    assert report.unexplained_executions == ["b: executed 2x, attempts 0", "c: executed 1x, attempts 0"]
+
+
 def test_jobs_accepted_without_an_answer_are_accounted_too():
     # The first submit of t2 got no answer but was accepted (job x); the retry became job b.
     accepted = {"b": _sub("b", "t2")}

@@ -252,12 +252,12 @@ async def test_cancelled_job_is_offered_until_the_worker_lets_go(bus, agent, htt
 
 
 async def cancel_like_the_gateway(bus, endpoint_id: str, job_id: str) -> None:
-    key = s.job_key(endpoint_id, job_id)
-    current = await bus.jobs.get(key)
-    cancelled = msgspec.structs.replace(current.value, status="CANCELLED",
-                                        completed_at_ms=int(time.time() * 1000))
-    await bus.jobs.update(key, cancelled, current.revision)
-    await bus.publish(s.job_events(job_id), JobChanged(record=cancelled))
+    """Read, modify, write again on a conflict (the agent may be writing the claim or a
+    progress update meanwhile), then tell the agents."""
+    written = await bus.jobs.modify(s.job_key(endpoint_id, job_id), lambda r: msgspec.structs.replace(
+        r, status="CANCELLED", completed_at_ms=int(time.time() * 1000)))
+    assert written is not None and written.value.status == "CANCELLED"
+    await bus.publish(s.job_events(job_id), JobChanged(record=written.value))
     await bus.publish(s.job_cancel(endpoint_id), CancelJob(job_id=job_id, endpoint_id=endpoint_id))
 
 
