@@ -2,7 +2,7 @@
 job that ends sooner is stored twice (queued, then ended) rather than three times. Whatever
 needs the claim before then (progress, a chunk, a cancel, a lost worker) gets it at once, and
 the attempt is counted either way. Driven by hand over the worker protocol, with the stored
-writes read off the bucket's own subject."""
+writes read off the bucket's republish subject."""
 
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ async def stored_statuses(bus, endpoint_id: str, job_id: str) -> list[str]:
     return written
 
 
+async def heard(writes: list[str], last: str) -> None:
+    """Until the republished write of `last` has arrived (it may trail a read of the record)."""
+    await async_wait_until(lambda: bool(writes) and writes[-1] == last, what=f"the {last} write heard")
+
+
 async def test_a_job_ending_within_the_delay_is_stored_queued_then_ended(bus, agent, http):
     worker = await hand_worker(bus, agent)
     ep = worker.env["RUNPOD_ENDPOINT_ID"]
@@ -69,6 +74,8 @@ async def test_a_job_ending_within_the_delay_is_stored_queued_then_ended(bus, ag
         assert record.worker_id == worker.worker_id and record.node_id == agent.settings.node_id
         assert record.started_at_ms is not None and record.completed_at_ms >= record.started_at_ms
         await async_wait_until(lambda: consumer_settled(bus, ep), timeout_s=20, what="message acked")
+        await heard(writes, "COMPLETED")
+        await async_wait_until(lambda: bool(events), what="the end announced")
         assert writes == ["IN_QUEUE", "COMPLETED"], (take_path, writes)
         assert [e.record.status for e in events] == ["COMPLETED"], take_path
 
@@ -85,6 +92,7 @@ async def test_progress_within_the_delay_writes_the_claim_at_once(bus, agent, ht
     assert record.attempts == 1 and output_of(record) == {"pct": 10}
     await worker.done(http, job_id, {"output": "done"})
     await wait_record(bus, ep, job_id, "COMPLETED")
+    await heard(writes, "COMPLETED")
     assert writes == ["IN_PROGRESS", "IN_PROGRESS", "COMPLETED"]  # claim, progress, end
 
 
@@ -123,6 +131,7 @@ async def test_a_worker_lost_within_the_delay_has_its_attempt_counted(bus, agent
     assert (await worker.take(http)).status_code == 200
     os.kill(worker_pid(worker.worker_id), signal.SIGKILL)
     await wait_record(bus, ep, job_id, "IN_QUEUE", where=lambda r: r.attempts == 1, timeout_s=30)
+    await async_wait_until(lambda: len(writes) >= 2, what="the claim and the requeue heard")
     assert writes[:2] == ["IN_PROGRESS", "IN_QUEUE"], writes  # claimed, then given back
 
 
@@ -140,5 +149,6 @@ async def test_a_job_still_running_after_the_delay_is_claimed(nats, bus, http):
         assert (await worker.done(http, job_id, {"output": "slow"})).status_code == 200
         await wait_record(bus, ep, job_id, "COMPLETED")
         await async_wait_until(lambda: len(events) == 2, what="both changes announced")
+        await heard(writes, "COMPLETED")
         assert writes == ["IN_PROGRESS", "COMPLETED"]
         assert [e.record.status for e in events] == ["IN_PROGRESS", "COMPLETED"]
