@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+import json
 from typing import Any, Generic, TypeVar
 
 import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -153,14 +158,12 @@ class TypedKV(Generic[T]):
         consumer = await js.add_consumer(stream, ConsumerConfig(
             filter_subject=prefix + pattern, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True, num_replicas=1))
-        sub = await js.pull_subscribe_bind(consumer=consumer.name, stream=stream)
+        reader = _PageReader(js._nc, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}")
+        await reader.start()
         try:
             left = consumer.num_pending or 0
             while left > 0:
-                try:
-                    msgs = await sub.fetch(min(page_size, left), timeout=_PAGE_WAIT_S)
-                except NatsTimeoutError:
-                    return
+                msgs = await reader.next_page(min(page_size, left))
                 page: list[tuple[str, T]] = []
                 for msg in msgs:
                     if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
@@ -177,7 +180,7 @@ class TypedKV(Generic[T]):
                     return
         finally:
             try:
-                await sub.unsubscribe()
+                await reader.stop()
                 await js.delete_consumer(stream, consumer.name)
             except Exception:  # it goes by itself after `inactive_threshold`
                 pass
@@ -221,6 +224,53 @@ class TypedKV(Generic[T]):
 _SCAN_POLL_S = 1.0
 # How long a page fetch waits when the consumer has nothing (an empty bucket or pattern).
 _PAGE_WAIT_S = 0.5
+
+
+class _PageReader:
+    """Pages of a pull consumer, read off one inbox subscription with a callback: nats-py's
+    own fetch waits for each message with a task and a timer of its own, which made a reader
+    of every record (the janitor's pass) cost ~50 us a message where this costs ~15."""
+
+    def __init__(self, nc: Client, next_subject: str) -> None:
+        self.nc = nc
+        self.next_subject = next_subject
+        self.inbox = nc.new_inbox()
+        self.sub: Subscription | None = None
+        self.msgs: list[Msg] = []
+        self.want = 0
+        self.done: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        self.sub = await self.nc.subscribe(self.inbox, cb=self._on_msg, pending_msgs_limit=-1,
+                                           pending_bytes_limit=-1)
+
+    async def stop(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if self.done is None or self.done.done():
+            return  # a status (or a straggler) for a page already handed over
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            if msg.headers["Status"] != "100":  # 404 / 408: nothing more for this request
+                self.done.set_result(None)
+            return
+        self.msgs.append(msg)
+        if len(self.msgs) >= self.want:
+            self.done.set_result(None)
+
+    async def next_page(self, want: int) -> list[Msg]:
+        """Up to `want` messages there now (fewer when the consumer runs out)."""
+        self.msgs, self.want = [], want
+        self.done = asyncio.get_running_loop().create_future()
+        await self.nc.publish(self.next_subject, json.dumps({"batch": want, "no_wait": True}).encode(),
+                              reply=self.inbox)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), timeout=_PAGE_WAIT_S + want / 1000)
+        except asyncio.TimeoutError:
+            pass  # no answer in time: what came is the page (an empty one ends the read)
+        msgs, self.msgs, self.done = self.msgs, [], None
+        return msgs
 
 
 def _ttl(ttl_s: float) -> int:

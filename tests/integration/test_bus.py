@@ -36,6 +36,32 @@ async def test_typed_kv_compare_and_set(nats_server):
         await bus.close()
 
 
+async def test_pages_read_every_current_value_a_page_at_a_time(nats_server):
+    """The janitor's and the job list's reader: each live key once, at its latest value,
+    oldest write first, in pages of at most `page_size`; deleted keys and other endpoints'
+    keys left out; an empty match ends at once."""
+    bus = await Bus.connect(BusSettings(url=nats_server.url))
+    try:
+        for i in range(250):
+            await bus.jobs.create(f"ep1.j{i}", _record(f"j{i}"))
+        await bus.jobs.create("ep2.x", _record("x"))
+        for i in range(0, 250, 10):  # rewritten: comes last, at its new value
+            current = await bus.jobs.get(f"ep1.j{i}")
+            assert current is not None
+            await bus.jobs.update(f"ep1.j{i}", _record(f"j{i}", status="COMPLETED"), current.revision)
+        for i in range(5, 250, 10):
+            await bus.jobs.delete(f"ep1.j{i}")
+        pages = [page async for page in bus.jobs.pages("ep1.*", page_size=40)]
+        assert all(0 < len(page) <= 40 for page in pages)
+        seen = [(key, record.status) for page in pages for key, record in page]
+        expected = [(f"ep1.j{i}", "IN_QUEUE") for i in range(250) if i % 10 not in (0, 5)]
+        expected += [(f"ep1.j{i}", "COMPLETED") for i in range(0, 250, 10)]
+        assert seen == expected
+        assert [page async for page in bus.jobs.pages("nope.*")] == []
+    finally:
+        await bus.close()
+
+
 async def test_large_payload_goes_to_object_store(nats_server):
     bus = await Bus.connect(BusSettings(url=nats_server.url))
     try:

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runplane_proto.jobs import TERMINAL_STATUSES, JobPolicy, JobRecord
+from runplane_scheduler.janitor import pause_s
 from runplane_scheduler.janitor_rules import (Retention, payload_refs, retention_over, sweep, timed_out,
                                               ttl_expired)
 
@@ -105,3 +106,12 @@ def test_a_record_is_never_both_expired_and_deleted_and_terminal_ones_never_expi
     new = timed_out(r, NOW)
     if new is not None:  # what the janitor writes is terminal and never expires again
         assert timed_out(new, NOW) is None and not retention_over(new, NOW, RETENTION)
+
+
+def test_passes_are_spaced_by_their_own_length_on_a_large_bucket() -> None:
+    """A short pass waits the interval; a long one waits four times its length, so the
+    janitor takes at most a fifth of the scheduler's time however many records there are."""
+    assert pause_s(30.0, 0.5) == 30.0
+    assert pause_s(30.0, 7.5) == 30.0
+    assert pause_s(30.0, 20.0) == 80.0
+    assert pause_s(1.0, 2.0) == 8.0
