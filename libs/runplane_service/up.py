@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runplane_service.colocated import nats_server_env
 from runplane_service.env import env_int, env_opt, env_str
 
 SERVICES = ("runplane_scheduler", "runplane_autoscaler", "runplane_node_agent", "runplane_gateway")
@@ -83,7 +84,7 @@ def main() -> None:
         nats_url = f"nats://127.0.0.1:{nats_port}"
         server = str(Path(python).parent / "nats-server")
         children.append(Child("nats", [server, "-js", "-a", "127.0.0.1", "-p", str(nats_port),
-                                       "-sd", str(data_dir / "nats")], dict(os.environ)))
+                                       "-sd", str(data_dir / "nats")], nats_server_env()))
 
     env = dict(os.environ, RP_NATS_URL=nats_url, RP_API_KEY=key, RP_HTTP_PORT=str(http_port),
                RP_HTTP_HOST=host)

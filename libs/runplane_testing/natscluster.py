@@ -6,7 +6,6 @@ is killable and restartable on the same ports and store."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import urllib.request
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runplane_testing.procs import OwnedProcess
+from runplane_service.colocated import nats_server_env
 from runplane_testing.natsserver import free_port, nats_server_binary, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ class NatsNode(OwnedProcess):
     def start(self) -> NatsNode:
         store = self.workdir / f"{self.name}-store"
         store.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        env = nats_server_env()
         if self.config is not None:
             env.update(RP_NATS_STORE_DIR=str(store), RP_NATS_SERVER_NAME=self.name)
             env.update({password_variable(user): pw for user, pw in self.passwords.items()})

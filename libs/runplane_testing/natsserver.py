@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from runplane_service.colocated import nats_server_env
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -58,7 +60,7 @@ class NatsServer:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store_dir],
-            stdout=out, stderr=out,
+            stdout=out, stderr=out, env=nats_server_env(),
         )
         wait_port("127.0.0.1", self.port)
         return self
