@@ -26,7 +26,7 @@ from runplane_proto.nodes import NodeStatus
 from runplane_testing.waiting import wait_until
 from runplane_testing.natscluster import NATS_DIR, NatsNode, new_passwords
 from tests.deploy.natsauth import ROOT, AuthCluster
-from tests.docker.conftest import docker
+from tests.docker.conftest import bridge_address, docker
 
 pytestmark = pytest.mark.docker
 
@@ -77,7 +77,7 @@ def node_image():
 def control_plane(tmp_path_factory, request):
     """NATS (users of deploy/nats) on the Docker bridge's address, with the gateway, scheduler and
     autoscaler on this host; no node agent."""
-    bridge = docker("network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}").strip()
+    bridge = bridge_address()
     workdir = tmp_path_factory.mktemp("install")
     passwords = new_passwords()
     server = NatsNode(workdir, config=NATS_DIR / "single.conf", passwords=passwords, host=bridge).start()

@@ -38,6 +38,18 @@ def docker(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
+def bridge_address() -> str:
+    """The host's address on Docker's default bridge: the network's gateway, or, when the engine
+    did not record one (it found docker0 already there when it started), docker0's own."""
+    gateway = docker("network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}").strip()
+    if gateway and gateway != "<no value>":
+        return gateway
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "docker0"], capture_output=True, text=True).stdout
+    found = shown.split(" inet ", 1)[1].split("/", 1)[0] if " inet " in shown else ""
+    assert found, f"no address of Docker's bridge: gateway {gateway!r}, docker0 {shown!r}"
+    return found
+
+
 def containers(node_id: str, *, all_states: bool = True) -> list[dict]:
     """`docker inspect` of the containers labelled with this node."""
     ids = docker("ps", "-q", *(["-a"] if all_states else []), "--filter", f"label={LABEL_NODE}={node_id}").split()
