@@ -228,8 +228,8 @@ _PAGE_WAIT_S = 0.5
 
 class _PageReader:
     """Pages of a pull consumer, read off one inbox subscription with a callback: nats-py's
-    own fetch waits for each message with a task and a timer of its own, which made a reader
-    of every record (the janitor's pass) cost ~50 us a message where this costs ~15."""
+    own fetch waits for each message with a task and a timer of its own: a janitor pass over
+    20,000 records took ~48 us of CPU a record with it and ~21 with this (decoding included)."""
 
     def __init__(self, nc: Client, next_subject: str) -> None:
         self.nc = nc
