@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,18 +82,145 @@ def _split(url: str) -> tuple[str, str, str]:
     return parts.scheme, parts.netloc, path
 
 
-class OneSendConnection(http.client.HTTPConnection):
-    """An HTTP connection that sends a request's head and a bytes body in one write: the
-    standard one writes them apart, two packets and two wake-ups of the agent per result."""
+_MAX_HEAD = 64 * 1024
+_BAD_PATH = re.compile("[\x00-\x20\x7f]")
+_NO_BODY = frozenset({204, 304})
 
-    def _send_output(self, message_body=None, encode_chunked=False):  # noqa: ANN001
-        if not isinstance(message_body, bytes) or encode_chunked:
-            return super()._send_output(message_body, encode_chunked=encode_chunked)
-        self._buffer.extend((b"", b""))
-        head = b"\r\n".join(self._buffer)
-        del self._buffer[:]
-        self.send(head + message_body)
-        return None
+
+class PlainConnection:
+    """HTTP/1.1 over one kept-alive TCP connection, for the agent's plain-http worker API.
+
+    A request goes out in one write (head and body together). An answer is read off one
+    buffer: the head up to its blank line, then a Content-Length body, a chunked one, or
+    everything up to the close. http.client reads a head a line at a time through a file
+    object and hands it to the email package: on this machine, 186 µs of CPU per exchange with
+    a small JSON answer against 46 µs for reading it like this, and a worker makes two such
+    exchanges a job (the take, the result), one of them between the agent handing a job over
+    and the handler starting. Errors are http.client's (RemoteDisconnected, IncompleteRead,
+    BadStatusLine...) or OSError, as the callers expect."""
+
+    def __init__(self, netloc: str, timeout: float | None = None) -> None:
+        parts = urlsplit(f"//{netloc}")
+        self.host = parts.hostname or ""
+        self.port = parts.port or 80
+        self.netloc = netloc
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self._buf = bytearray()
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        self._buf.clear()
+        if sock is not None:
+            sock.close()
+
+    def set_timeout(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        if self.sock is not None:
+            self.sock.settimeout(timeout)
+
+    def exchange(self, method: str, path: str, headers: bytes,
+                 body: bytes | None = None) -> tuple[int, bytes, str, bool]:
+        """Send one request, read its answer: (status, body, content type, closes after)."""
+        if _BAD_PATH.search(path) or not path.isascii():
+            raise http.client.InvalidURL(f"URL can't contain control characters or spaces: {path!r}")
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.netloc}\r\n".encode() + headers
+        if body is not None:
+            head += b"Content-Length: %d\r\n" % len(body)
+        if self.sock is None:
+            self.sock = socket.create_connection((self.host, self.port), self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._buf.clear()
+        self.sock.sendall(head + b"\r\n" + body if body is not None else head + b"\r\n")
+        while True:
+            status, fields, version = self._head()
+            if not 100 <= status < 200:
+                break
+        if method == "HEAD" or status in _NO_BODY:
+            data, closes = b"", False
+        elif "chunked" in fields.get("transfer-encoding", ""):
+            data, closes = self._chunked(), False
+        elif "content-length" in fields:
+            try:
+                length = int(fields["content-length"])
+            except ValueError:
+                length = -1
+            if length < 0:
+                raise http.client.HTTPException(f"invalid Content-Length: {fields['content-length']!r}")
+            data, closes = self._exactly(length), False
+        else:  # no length given: the body runs to the close
+            data, closes = self._to_close(), True
+        connection = fields.get("connection", "").lower()
+        if "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection):
+            closes = True
+        return status, data, fields.get("content-type", ""), closes
+
+    def _fill(self, started: bool) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            if started:
+                raise http.client.IncompleteRead(bytes(self._buf))
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+        self._buf += chunk
+
+    def _head(self) -> tuple[int, dict[str, str], str]:
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            if len(self._buf) > _MAX_HEAD:
+                raise http.client.LineTooLong("header")
+            self._fill(started=bool(self._buf))
+        lines = self._buf[:end].decode("latin-1").split("\r\n")
+        del self._buf[:end + 4]
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
+            raise http.client.BadStatusLine(lines[0])
+        fields: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                fields[name.strip().lower()] = value.strip()
+        return int(code), fields, version
+
+    def _exactly(self, length: int) -> bytes:
+        while len(self._buf) < length:
+            self._fill(started=True)
+        data = bytes(self._buf[:length])
+        del self._buf[:length]
+        return data
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            if len(self._buf) > _MAX_HEAD:
+                raise http.client.LineTooLong("chunk size")
+            self._fill(started=True)
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 2]
+        return line
+
+    def _chunked(self) -> bytes:
+        parts = []
+        while True:
+            size_text = self._line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise http.client.HTTPException(f"invalid chunk size: {size_text!r}") from None
+            if size == 0:
+                while self._line():  # trailers, up to the blank line
+                    pass
+                return b"".join(parts)
+            parts.append(self._exactly(size))
+            if self._exactly(2) != b"\r\n":
+                raise http.client.HTTPException("a chunk does not end with CRLF")
+
+    def _to_close(self) -> bytes:
+        assert self.sock is not None
+        while chunk := self.sock.recv(65536):
+            self._buf += chunk
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
 
 
 class HttpClient:
@@ -100,6 +229,7 @@ class HttpClient:
     def __init__(self, key: str) -> None:
         self.headers = {"Authorization": key, "Content-Type": "application/json",
                         "User-Agent": __version__}
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()).encode("latin-1")
         self._local = threading.local()
 
     def request(self, method: str, url: str, body: bytes | None = None,
@@ -109,29 +239,40 @@ class HttpClient:
         for attempt in (0, 1):
             conn = self._connection(scheme, netloc, timeout_s)
             try:
-                conn.request(method, path, body=body, headers=self.headers)
-                response = conn.getresponse()
-                data = response.read()
-                if response.will_close:
+                if isinstance(conn, PlainConnection):
+                    status, data, content_type, closes = conn.exchange(method, path, self._head, body)
+                else:
+                    conn.request(method, path, body=body, headers=self.headers)
+                    response = conn.getresponse()
+                    data = response.read()
+                    status, closes = response.status, response.will_close
+                    content_type = response.getheader("Content-Type", "")
+                if closes:
                     self._drop(scheme, netloc)
-                return response.status, data, response.getheader("Content-Type", "")
+                return status, data, content_type
             except (OSError, http.client.HTTPException):
                 self._drop(scheme, netloc)
                 if attempt:
                     raise
         raise RuntimeError("unreachable")
 
-    def _connection(self, scheme: str, netloc: str, timeout_s: float) -> http.client.HTTPConnection:
+    def _connection(self, scheme: str, netloc: str,
+                    timeout_s: float) -> PlainConnection | http.client.HTTPSConnection:
         pool = self._pool()
         conn = pool.get((scheme, netloc))
         if conn is None:
-            factory = http.client.HTTPSConnection if scheme == "https" else OneSendConnection
-            conn = factory(netloc, timeout=timeout_s)
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(netloc, timeout=timeout_s)
+            else:
+                conn = PlainConnection(netloc, timeout=timeout_s)
             pool[(scheme, netloc)] = conn
         elif conn.timeout != timeout_s:
-            conn.timeout = timeout_s
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout_s)
+            if isinstance(conn, PlainConnection):
+                conn.set_timeout(timeout_s)
+            else:
+                conn.timeout = timeout_s
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout_s)
         return conn
 
     def _drop(self, scheme: str, netloc: str) -> None:
@@ -139,7 +280,7 @@ class HttpClient:
         if conn is not None:
             conn.close()
 
-    def _pool(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
+    def _pool(self) -> dict[tuple[str, str], PlainConnection | http.client.HTTPSConnection]:
         pool = getattr(self._local, "pool", None)
         if pool is None:
             pool = self._local.pool = {}
