@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import pytest
+from nats.js.errors import InvalidKeyError, NoStreamResponseError
 from nats.aio.msg import Msg
 from runplane_bus import Bus, BusSettings, Conflict
 from runplane_bus.topology import ensure_job_records_republish
 from runplane_proto import subjects as s
 from runplane_proto.codec import Codec
+from runplane_proto.dead_letters import dead_letter_of
 from runplane_proto.ids import new_gateway_token, new_job_id
 from runplane_proto.jobs import JobPolicy, JobRecord
 from runplane_testing.waiting import async_wait_until
@@ -34,6 +36,41 @@ async def test_typed_kv_compare_and_set(nats_server):
         assert await bus.jobs.keys("nope.*") == []
     finally:
         await bus.close()
+
+
+async def test_kv_writes_take_a_deleted_key_again_expire_with_a_ttl_and_refuse_bad_input(nats_server):
+    """The short publish path (runplane_bus.acked) behind put / create / update / publish_durable."""
+    bus = await Bus.connect(BusSettings(url=nats_server.url))
+    try:
+        rev = await bus.jobs.create("ep1.j1", _record())
+        await bus.jobs.delete("ep1.j1")
+        assert await bus.jobs.get("ep1.j1") is None
+        again = await bus.jobs.create("ep1.j1", _record(status="IN_PROGRESS"))  # over the marker
+        assert again > rev
+        got = await bus.jobs.get("ep1.j1")
+        assert got is not None and got.revision == again and got.value.status == "IN_PROGRESS"
+        put = await bus.jobs.put("ep1.j1", _record(status="COMPLETED"))
+        assert put > again and (await bus.jobs.get("ep1.j1")).value.status == "COMPLETED"
+        with pytest.raises(InvalidKeyError):
+            await bus.jobs.put("ep1.bad key", _record())
+        with pytest.raises(NoStreamResponseError):
+            await bus.publish_durable("nobody.stores.this", _record())
+        seq = await bus.publish_durable(s.job_queue("ep1"), _record(), msg_id="m1")
+        assert await bus.publish_durable(s.job_queue("ep1"), _record(), msg_id="m1") == seq  # deduplicated
+        # An entry with its own TTL goes by itself (a bucket with per-message TTLs allowed).
+        ttl_rev = await bus.dead_letters.create("ep1.j9", dead_letter_of(
+            _record("j9", status="FAILED"), now_ms=1), ttl_s=1)
+        with pytest.raises(Conflict):
+            await bus.dead_letters.update("ep1.j9", dead_letter_of(
+                _record("j9", status="FAILED"), now_ms=2), ttl_rev + 5, ttl_s=1)
+        assert await bus.dead_letters.get("ep1.j9") is not None
+        await async_wait_until(lambda: _absent(bus, "ep1.j9"), timeout_s=10, what="the entry to expire")
+    finally:
+        await bus.close()
+
+
+async def _absent(bus: Bus, key: str) -> bool:
+    return await bus.dead_letters.get(key) is None
 
 
 async def test_pages_read_every_current_value_a_page_at_a_time(nats_server):
