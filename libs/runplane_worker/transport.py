@@ -124,7 +124,8 @@ class PlainConnection:
         """Send one request, read its answer: (status, body, content type, closes after)."""
         path = path or "/"
         if _BAD_PATH.search(path) or not path.isascii():
-            raise http.client.InvalidURL(f"the path must be ASCII without spaces or control characters: {path!r}")
+            raise http.client.InvalidURL(
+                f"the path must be ASCII without spaces or control characters: {path!r}")
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.netloc}\r\n".encode() + headers
         if body is not None:
             head += b"Content-Length: %d\r\n" % len(body)
