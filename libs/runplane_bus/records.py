@@ -88,7 +88,7 @@ class TypedKV(Generic[T]):
         if last is not None:
             headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last)
         if ttl_s is not None:
-            headers[MSG_TTL] = str(int(_ttl(ttl_s)))
+            headers[MSG_TTL] = str(_ttl(ttl_s))
         return await publish_acked(self.kv._js._nc, f"{self.kv._pre}{key}", data,
                                    timeout_s=self.kv._js._timeout, headers=headers or None)
 

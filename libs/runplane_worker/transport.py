@@ -140,7 +140,7 @@ class PlainConnection:
                 break
         if method == "HEAD" or status in _NO_BODY:
             data, closes = b"", False
-        elif "chunked" in fields.get("transfer-encoding", ""):
+        elif "chunked" in fields.get("transfer-encoding", "").lower():
             data, closes = self._chunked(), False
         elif "content-length" in fields:
             try:
@@ -229,6 +229,8 @@ class HttpClient:
     """One keep-alive connection per thread and origin; a dropped one is reopened once."""
 
     def __init__(self, key: str) -> None:
+        if "\r" in key or "\n" in key:
+            raise ValueError("the worker key must be one line")
         self.headers = {"Authorization": key, "Content-Type": "application/json",
                         "User-Agent": __version__}
         self._head = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()).encode("latin-1")
