@@ -16,7 +16,6 @@ from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 from prometheus_client import Counter
 
-from runplane_bus.acked import publish_acked
 from runplane_bus.payloads import Payloads
 from runplane_bus.records import TypedKV
 from runplane_bus.topology import delete_job_consumer, ensure_job_consumer, ensure_topology
@@ -156,7 +155,8 @@ class Bus:
     async def publish_durable(self, subject: str, msg: Any, *, msg_id: str | None = None) -> int:
         """Publish to JetStream and wait for the store's ack; returns the stream sequence."""
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        return await publish_acked(self.nc, subject, encode(msg), timeout_s=self.js._timeout, headers=headers)
+        ack = await self.js.publish(subject, encode(msg), headers=headers)
+        return ack.seq
 
     async def delete_queued(self, seq: int) -> None:
         """Take a job's message (by its stream sequence) out of stream JOBS."""

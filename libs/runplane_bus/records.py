@@ -14,11 +14,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import InvalidKeyError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue, _is_key_valid
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
-from runplane_bus.acked import EXPECTED_LAST_SUBJECT_SEQUENCE, MSG_TTL, publish_acked
 from runplane_proto.codec import Codec, DecodeError, encode
 
 T = TypeVar("T")
@@ -79,33 +78,19 @@ class TypedKV(Generic[T]):
             return entry.revision
         return None
 
-    async def _write(self, key: str, data: bytes, last: int | None, ttl_s: float | None) -> int:
-        """One write of `key` (acked.publish_acked, as nats-py's KV would with its headers):
-        compare-and-set from revision `last` unless None (0: the key must not exist)."""
-        if not _is_key_valid(key):
-            raise InvalidKeyError(key)
-        headers = {}
-        if last is not None:
-            headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last)
-        if ttl_s is not None:
-            headers[MSG_TTL] = str(_ttl(ttl_s))
-        return await publish_acked(self.kv._js._nc, f"{self.kv._pre}{key}", data,
-                                   timeout_s=self.kv._js._timeout, headers=headers or None)
-
     async def put(self, key: str, value: T, *, ttl_s: float | None = None) -> int:
         """Write unconditionally; with `ttl_s` the entry expires on its own (a per-message TTL:
         NATS >= 2.11, a bucket made with message TTLs allowed, as nats-py makes them)."""
-        return await self._write(key, encode(value), None, ttl_s)
+        if ttl_s is None:
+            return await self.kv.put(key, encode(value))
+        ack = await self.kv._js.publish(f"{self.kv._pre}{key}", encode(value), msg_ttl=_ttl(ttl_s))
+        return ack.seq
 
     async def create(self, key: str, value: T, *, ttl_s: float | None = None) -> int:
         """Write only if the key does not exist; raise Conflict otherwise."""
-        data = encode(value)
         try:
-            return await self._write(key, data, 0, ttl_s)
-        except KeyWrongLastSequenceError:
-            pass
-        try:  # a deleted key keeps a marker: nats-py's create writes over it from its revision
-            return await self.kv.create(key, data, msg_ttl=None if ttl_s is None else _ttl(ttl_s))
+            return await self.kv.create(key, encode(value),
+                                        msg_ttl=None if ttl_s is None else _ttl(ttl_s))
         except KeyWrongLastSequenceError as exc:
             raise Conflict(key) from exc
 
@@ -113,7 +98,9 @@ class TypedKV(Generic[T]):
         """Write only if the key is still at `revision`; raise Conflict otherwise. An entry
         written with a TTL must be updated with one too, or the new value never expires."""
         try:
-            return await self._write(key, encode(value), revision, ttl_s)
+            if ttl_s is None:
+                return await self.kv.update(key, encode(value), last=revision)
+            return await self.kv._update(key, encode(value), last=revision, msg_ttl=_ttl(ttl_s))
         except KeyWrongLastSequenceError as exc:
             raise Conflict(key) from exc
 

@@ -39,7 +39,7 @@ async def test_typed_kv_compare_and_set(nats_server):
 
 
 async def test_kv_writes_take_a_deleted_key_again_expire_with_a_ttl_and_refuse_bad_input(nats_server):
-    """The short publish path (runplane_bus.acked) behind put / create / update / publish_durable."""
+    """put / create / update / publish_durable past the plain compare-and-set case."""
     bus = await Bus.connect(BusSettings(url=nats_server.url))
     try:
         rev = await bus.jobs.create("ep1.j1", _record())
