@@ -5,7 +5,9 @@ One consumer-info request answers for any number of jobs. The cap reads a copy a
 `max_age_s` old (one request per endpoint per interval however many submits arrive, shared by
 concurrent callers) plus the jobs this replica queued since; replicas do not see each other's
 submits until their next refresh, so together they may overshoot the cap by what they accept
-within one interval.
+within one interval. It can also run a few jobs ahead: a submit whose answer is read just
+after a refresh is counted again on top of a copy that already has it, so near the cap a
+submit can get its 429 (Retry-After: 1) by up to the number in flight early.
 """
 
 from __future__ import annotations
