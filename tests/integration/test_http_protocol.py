@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -170,11 +169,13 @@ def test_the_worker_sdk_opens_a_new_connection_after_the_server_closes_one(serve
     assert client._pool()[key].sock is not None
 
 
-def _raw_server(answers: list[bytes]) -> tuple[str, list[bytes]]:
+def _raw_server(answers: list[bytes]) -> tuple[str, list[bytes], threading.Semaphore]:
     """A server on a real socket that reads one request per connection, writes the next of
-    `answers` and closes; returns its URL and the requests it got."""
+    `answers` and closes; returns its URL, the requests it got, and a semaphore released
+    after each close."""
     listener = socket.create_server(("127.0.0.1", 0))
     got: list[bytes] = []
+    closed = threading.Semaphore(0)
 
     def serve() -> None:
         with listener:
@@ -186,26 +187,27 @@ def _raw_server(answers: list[bytes]) -> tuple[str, list[bytes]]:
                         data += conn.recv(65536)
                     got.append(data)
                     conn.sendall(answer)
+                closed.release()
 
     threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}", got
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", got, closed
 
 
 def test_the_worker_sdk_retries_once_on_a_kept_connection_the_server_dropped() -> None:
     """The server answers as if keeping the connection, then closes it: the next request
     meets a closed connection and goes again on a new one."""
     keep = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-    url, got = _raw_server([keep, keep])
+    url, got, closed = _raw_server([keep, keep])
     client = HttpClient("key")
     assert client.request("GET", f"{url}/a") == (200, b"{}", "application/json")
-    time.sleep(0.1)  # the server has closed its end
+    assert closed.acquire(timeout=10)  # the server has closed its end of the kept connection
     assert client.request("GET", f"{url}/b") == (200, b"{}", "application/json")
     assert [r.split(b" ")[1] for r in got] == [b"/a", b"/b"]
     assert b"Authorization: key\r\n" in got[0] and b"Host: 127.0.0.1:" in got[0]
 
 
 def test_the_worker_sdk_reads_an_old_style_answer_to_the_close_and_refuses_garbage() -> None:
-    url, _ = _raw_server([b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+    url, _, _ = _raw_server([b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
                           b"SPDY/9 nonsense\r\n\r\n", b"SPDY/9 nonsense\r\n\r\n"])
     client = HttpClient("key")
     assert client.request("GET", f"{url}/old") == (200, b"until the end", "text/plain")
