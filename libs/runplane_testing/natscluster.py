@@ -12,8 +12,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runplane_testing.procs import OwnedProcess
 from runplane_service.colocated import nats_server_env
+from runplane_testing.procs import OwnedProcess
 from runplane_testing.natsserver import free_port, nats_server_binary, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
