@@ -97,6 +97,10 @@ class Mirror(Generic[T]):
     def values(self) -> list[T]:
         return list(self._values.values())
 
+    def heard_of(self, key: str) -> bool:
+        """Whether this mirror has seen `key` at all: held now, or deleted (a tombstone)."""
+        return key in self._revisions
+
     def items(self) -> Iterator[tuple[str, T]]:
         return iter(list(self._values.items()))
 

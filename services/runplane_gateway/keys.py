@@ -4,6 +4,10 @@ A made key's secret is `rpk_<id>_<random>`; KV `rp-api-keys` keeps only its SHA-
 the id. Every replica follows the bucket with a watch (`Mirror`), so checking a key needs
 no round trip, and a revoked key stops working on every replica as soon as the watch
 brings the delete (milliseconds; a periodic full re-read bounds it when a watch misses it).
+A well-formed key whose id a replica has never heard of is read from the bucket once before
+it is refused, so a key made through one replica works at once on another, ahead of the
+watch (misses are remembered for a second and such reads bounded, so made-up ids cannot
+turn into a flood of reads).
 
 What a key may reach is the pure `refusal(access, method, path)`: admin keys everything;
 endpoint keys the /v2 API of their endpoints and reads of them under /v1/endpoints."""
@@ -35,6 +39,11 @@ SECRET_PREFIX = "rpk_"
 RESYNC_S = 10.0
 # How long a write waits for this replica's own copy to show it (read-your-writes).
 _SETTLE_S = 2.0
+# A well-formed id read from the bucket and not found there is refused without another read
+# for this long; at most this many such ids are remembered, and this many reads run at once.
+_MISS_HOLD_S = 1.0
+_MISSES_KEPT = 4096
+_READS_AT_ONCE = 16
 # Where the middleware leaves the caller's Access for the routes (`request.state.access`).
 STATE_KEY = "access"
 
@@ -111,6 +120,15 @@ def refusal(access: Access, method: str, path: str) -> str | None:
     return f"this API key may not use {path[:100]}: that takes an admin key"
 
 
+def _verified(presented: bytes, key_id: str | None, record: ApiKey | None) -> Access | None:
+    """The Access `record` gives when `presented` is its secret, else None."""
+    if record is None or record.id != key_id:  # a value under another key stands for nothing
+        return None
+    if not hmac.compare_digest(secret_hash(presented).encode(), record.secret_sha256.encode()):
+        return None
+    return access_of(record)
+
+
 def _other_endpoint(endpoint_id: str) -> str:
     return f"this API key may not use endpoint {endpoint_id[:128]!r}"
 
@@ -132,6 +150,8 @@ class KeyRing:
         self.bus = bus
         self.resync_s = resync_s
         self.mirror: Mirror[ApiKey] | None = None
+        self._misses: dict[str, float] = {}  # key id -> when a read found nothing (monotonic)
+        self._reads = 0
 
     async def start(self) -> KeyRing:
         self.store = TypedKV(await self.bus.kv(subjects.KV_API_KEYS), ApiKey)
@@ -148,11 +168,32 @@ class KeyRing:
             return BOOTSTRAP
         key_id = key_id_in(presented)
         record = self.mirror.get(key_id) if key_id is not None and self.mirror is not None else None
-        if record is None or record.id != key_id:  # a value under another key stands for nothing
+        return _verified(presented, key_id, record)
+
+    async def check_unheard(self, presented: bytes) -> Access | None:
+        """For a secret `check` refused: when it names a key id this replica has never heard
+        of (not even deleted), the Access one read of the bucket gives it, else None."""
+        key_id = key_id_in(presented)
+        if key_id is None or self.store is None or self.mirror is None or self.mirror.heard_of(key_id):
             return None
-        if not hmac.compare_digest(secret_hash(presented).encode(), record.secret_sha256.encode()):
+        now = time.monotonic()
+        missed = self._misses.get(key_id)
+        if (missed is not None and now - missed < _MISS_HOLD_S) or self._reads >= _READS_AT_ONCE:
             return None
-        return access_of(record)
+        self._reads += 1
+        try:
+            found = await self.store.get(subjects.api_key_key(key_id))
+        except Exception as exc:  # the bus is down or slow: refused like any unknown key
+            log.warning("API key read failed", key_id=key_id, error=repr(exc))
+            return None
+        finally:
+            self._reads -= 1
+        if found is None:
+            if len(self._misses) >= _MISSES_KEPT:
+                self._misses.clear()
+            self._misses[key_id] = now
+            return None
+        return _verified(presented, key_id, found.value)
 
     def records(self) -> list[ApiKey]:
         assert self.mirror is not None

@@ -152,10 +152,7 @@ async def test_unknown_wrong_and_revoked_keys_are_refused_on_every_replica(repli
     secret = made["key"]
     async with one.client(secret) as on_one, two.client(secret) as on_two:
         assert (await on_one.get(f"/v2/{ep}/health")).status_code == 200  # the creating replica at once
-        started = time.perf_counter()
-        await async_wait_until(lambda: _status(on_two, f"/v2/{ep}/health", 200), timeout_s=5, interval_s=0.002,
-                               what="the new key accepted by the other replica")
-        FIGURES["key visible on another replica ms"] = (time.perf_counter() - started) * 1000
+        assert (await on_two.get(f"/v2/{ep}/health")).status_code == 200  # and the other (watch or read)
 
         for bad in (None, "", "nope", secret[:-1] + ("A" if secret[-1] != "A" else "B"),
                     f"rpk_{made['id']}_", f"rpk_{made['id']}", secret + "x", "rpk_nosuchkey_" + "x" * 43):
@@ -177,6 +174,32 @@ async def test_unknown_wrong_and_revoked_keys_are_refused_on_every_replica(repli
     # Within the bound docs/reliability.md gives (a watch delivers in milliseconds).
     assert FIGURES["revoked key refused by another replica ms"] < 2000, FIGURES
     print(FIGURES)
+
+
+async def test_a_key_made_on_one_replica_works_on_another_before_its_watch_brings_it(replicas) -> None:
+    """The other replica has never heard of the key (its watch is stopped here, so this does
+    not depend on which comes first): it reads the key from the bucket once, accepts it at
+    once, and refuses it again as soon as it is revoked. A made-up id is read once and its
+    miss remembered."""
+    one, two = replicas
+    assert two.gateway.keys.mirror is not None
+    await two.gateway.keys.mirror.stop()
+    async with one.client() as admin:
+        ep = await _endpoint(admin, "fresh-key")
+        made = await _new_key(admin, name="fresh", scope="endpoint", endpoints=[ep])
+        assert two.gateway.keys.get(made["id"]) is None  # not in the other replica's copy
+        async with two.client(made["key"]) as on_two:
+            assert (await on_two.get(f"/v2/{ep}/health")).status_code == 200
+            _refused(await on_two.get("/v1/keys"), 403, "admin key")  # its scope, read with it
+            wrong = made["key"][:-1] + ("A" if made["key"][-1] != "A" else "B")
+            async with two.client(wrong) as guessing:
+                _refused(await guessing.get(f"/v2/{ep}/health"), 401, "API key")
+            made_up = "rpk_0123456789abcdef_" + "x" * 43
+            async with two.client(made_up) as guessing:
+                _refused(await guessing.get(f"/v2/{ep}/health"), 401, "API key")
+                assert "0123456789abcdef" in two.gateway.keys._misses
+            assert (await admin.delete(f"/v1/keys/{made['id']}")).status_code == 200
+            _refused(await on_two.get(f"/v2/{ep}/health"), 401, "API key")
 
 
 async def _status(http: httpx.AsyncClient, path: str, status: int) -> bool:
