@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -14,10 +15,41 @@ from pathlib import Path
 from runplane_service.colocated import nats_server_env
 
 
+# Ports are picked from here, below Linux's default ephemeral range (32768-60999).
+_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing listens on now, for a process the caller starts next.
+
+    Picked outside the kernel's ephemeral range: a port the kernel hands out itself (bind to
+    0) is also what it gives the next outgoing connection its local end, so between this call
+    and the server's bind, or between a kill and a restart on the same port, a client's
+    connection could take it ("address already in use"). Never the same port twice in one
+    process."""
+    low = _ephemeral_low()
+    ports = range(_PORTS.start, min(_PORTS.stop, low)) if low > _PORTS.start + 1000 else range(1024, low)
+    for _ in range(200):
+        port = random.choice(ports)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                sock.bind(("0.0.0.0", port))  # any address: a listener on one of them refuses it
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port found in {ports}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def nats_server_binary() -> str:
